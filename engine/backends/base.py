@@ -1,0 +1,29 @@
+"""The interface every tower backend implements: preprocessed tensors in, L2-normalised float32 rows out."""
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+import torch
+
+
+class Encoder(Protocol):
+    """Runs the two towers. Inputs are already preprocessed (engine.preprocess)."""
+
+    embed_dim: int
+    input_resolution: int
+
+    def encode_images(self, pixels: torch.Tensor) -> np.ndarray:
+        """[B, 3, R, R] float32 pixels -> [B, D] float32, L2-normalised."""
+        ...
+
+    def encode_texts(self, token_ids: torch.Tensor) -> np.ndarray:
+        """[B, L] int64 cn_clip token ids (0 = padding) -> [B, D] float32, L2-normalised."""
+        ...
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm, in float32 (an all-zero row stays zero)."""
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.maximum(norms, np.finfo(np.float32).tiny)

@@ -1,0 +1,53 @@
+"""The PyTorch reference towers: cn_clip's own modules, fp32 on CPU, fp32/fp16/bf16 autocast on CUDA."""
+from __future__ import annotations
+
+import contextlib
+from typing import Literal
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+from .base import l2_normalize
+
+Precision = Literal["fp32", "fp16", "bf16"]
+_AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class TorchEncoder:
+    """Wraps a cn_clip CLIP module; `precision` other than fp32 uses autocast and needs a CUDA device."""
+
+    def __init__(self, model: torch.nn.Module, input_resolution: int, device: str = "cpu",
+                 precision: Precision = "fp32", pad_id: int = 0) -> None:
+        if precision not in ("fp32", "fp16", "bf16"):
+            raise InputError(f"precision must be fp32, fp16 or bf16, got {precision!r}")
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise InputError(f"device {device!r} requested but no CUDA GPU is available")
+        if precision != "fp32" and self.device.type != "cuda":
+            raise InputError(f"precision {precision!r} is for CUDA; on {device!r} use fp32")
+        self.model = model.to(self.device).float().eval()
+        self.precision = precision
+        self.input_resolution = input_resolution
+        self.embed_dim = int(model.text_projection.shape[1])
+        self.pad_id = pad_id
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=_AUTOCAST[self.precision])
+
+    @torch.inference_mode()
+    def encode_images(self, pixels: torch.Tensor) -> np.ndarray:
+        with self._autocast():
+            out = self.model.encode_image(pixels.to(self.device, non_blocking=True))
+        return l2_normalize(out.float().cpu().numpy())
+
+    @torch.inference_mode()
+    def encode_texts(self, token_ids: torch.Tensor) -> np.ndarray:
+        ids = token_ids.to(self.device, non_blocking=True)
+        attention = ids.ne(self.pad_id).float()
+        with self._autocast():
+            hidden = self.model.bert(ids, attention_mask=attention)[0]
+            out = hidden[:, 0, :].float() @ self.model.text_projection.float()
+        return l2_normalize(out.float().cpu().numpy())

@@ -1,0 +1,22 @@
+"""Exception types the engine raises: each names the input or file at fault."""
+from __future__ import annotations
+
+
+class EngineError(Exception):
+    """Base class for every error the engine raises on purpose."""
+
+
+class InputError(EngineError, ValueError):
+    """A caller-supplied value (text, id, k, shape) is invalid."""
+
+
+class ImageDecodeError(InputError):
+    """An image could not be decoded: corrupt, truncated, empty, not an image, or too many pixels."""
+
+
+class CheckpointError(EngineError):
+    """A checkpoint file is missing, unreadable, or does not match the model structure."""
+
+
+class IndexFormatError(EngineError):
+    """An index directory is missing, damaged, or was made with another model or checkpoint."""

@@ -1,0 +1,142 @@
+"""LACLIP local alignment: settings, seeded crop boxes, and the pure-PyTorch reference scoring.
+
+Score of text t against an image with global embedding g and crop embeddings c_1..c_K (all L2-normalised):
+    s = alpha * (g . t) + (1 - alpha) * sum_j w_j (c_j . t)
+    w_j = softmax_j(c_j . g / tau)   weights="image" (the paper's figure)
+    w_j = softmax_j(c_j . t / tau)   weights="text"  (query-aware extension)
+With image weights s = p . t for the pooled vector p = alpha g + (1 - alpha) sum_j w_j c_j, so a query is one GEMM.
+This module is the truth the native kernel (engine.ops) is tested against.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from .errors import InputError
+
+WeightsMode = Literal["image", "text"]
+CropMode = Literal["random", "grid"]
+
+
+@dataclass(frozen=True)
+class LaclipConfig:
+    """LACLIP settings. The paper gives no K, tau or crop sizes, so these defaults are ours (tune on validation).
+
+    num_crops: K crops per image. crop_mode: "random" (area/aspect ranges, seeded per image) or "grid"
+    (a sqrt(K) x sqrt(K) tiling; K must be a square). crop_area: crop area as a fraction of the image.
+    crop_aspect: width/height range, sampled log-uniformly. tau: softmax temperature of the crop weights.
+    alpha: weight of the global term (0 = the paper's figure, 1 = plain CLIP). weights: "image" or "text".
+    seed: mixed with each image's content hash to place its crops.
+    """
+
+    num_crops: int = 4
+    crop_mode: CropMode = "random"
+    crop_area: tuple[float, float] = (0.25, 0.6)
+    crop_aspect: tuple[float, float] = (3 / 4, 4 / 3)
+    tau: float = 0.1
+    alpha: float = 0.5
+    weights: WeightsMode = "image"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_crops, int) or self.num_crops < 1:
+            raise InputError(f"num_crops must be a positive int, got {self.num_crops!r}")
+        if self.crop_mode not in ("random", "grid"):
+            raise InputError(f"crop_mode must be 'random' or 'grid', got {self.crop_mode!r}")
+        if self.crop_mode == "grid" and math.isqrt(self.num_crops) ** 2 != self.num_crops:
+            raise InputError(f"crop_mode='grid' needs a square num_crops (1, 4, 9, ...), got {self.num_crops}")
+        lo, hi = self.crop_area
+        if not 0 < lo <= hi <= 1:
+            raise InputError(f"crop_area must satisfy 0 < min <= max <= 1, got {self.crop_area!r}")
+        lo, hi = self.crop_aspect
+        if not 0 < lo <= hi:
+            raise InputError(f"crop_aspect must satisfy 0 < min <= max, got {self.crop_aspect!r}")
+        if not self.tau > 0:
+            raise InputError(f"tau must be > 0, got {self.tau!r}")
+        if not 0 <= self.alpha <= 1:
+            raise InputError(f"alpha must be in [0, 1], got {self.alpha!r}")
+        if self.weights not in ("image", "text"):
+            raise InputError(f"weights must be 'image' or 'text', got {self.weights!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LaclipConfig":
+        data = dict(data)
+        for key in ("crop_area", "crop_aspect"):
+            if key in data:
+                data[key] = tuple(data[key])
+        return cls(**data)
+
+    def crop_settings(self) -> tuple[Any, ...]:
+        """The settings that change stored crop embeddings (scoring settings excluded)."""
+        return (self.num_crops, self.crop_mode, tuple(self.crop_area), tuple(self.crop_aspect), self.seed)
+
+
+def crop_boxes(width: int, height: int, config: LaclipConfig, image_seed: int) -> list[tuple[int, int, int, int]]:
+    """K (left, top, right, bottom) boxes inside a width x height image, reproducible for a given image seed."""
+    k = config.num_crops
+    if config.crop_mode == "grid":
+        n = math.isqrt(k)
+        xs = [round(i * width / n) for i in range(n + 1)]
+        ys = [round(i * height / n) for i in range(n + 1)]
+        return [
+            (xs[c], ys[r], max(xs[c + 1], xs[c] + 1), max(ys[r + 1], ys[r] + 1))
+            for r in range(n) for c in range(n)
+        ]
+    rng = np.random.default_rng([config.seed, image_seed])
+    area = width * height
+    log_lo, log_hi = math.log(config.crop_aspect[0]), math.log(config.crop_aspect[1])
+    boxes = []
+    for _ in range(k):
+        frac = rng.uniform(*config.crop_area)
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        w = min(width, max(1, round(math.sqrt(frac * area * aspect))))
+        h = min(height, max(1, round(math.sqrt(frac * area / aspect))))
+        left = int(rng.integers(0, width - w + 1))
+        top = int(rng.integers(0, height - h + 1))
+        boxes.append((left, top, left + w, top + h))
+    return boxes
+
+
+def image_weights(g: torch.Tensor, c: torch.Tensor, tau: float) -> torch.Tensor:
+    """[N, K] crop weights softmax_j(c_j . g / tau) for G [N, D], C [N, K, D]."""
+    return torch.softmax(torch.einsum("nkd,nd->nk", c, g) / tau, dim=-1)
+
+
+def pooled_vectors(g: torch.Tensor, c: torch.Tensor, *, alpha: float, tau: float) -> torch.Tensor:
+    """[N, D] pooled p = alpha g + (1 - alpha) sum_j w_j c_j (not re-normalised), so s = p . t."""
+    w = image_weights(g, c, tau)
+    return alpha * g + (1 - alpha) * torch.einsum("nk,nkd->nd", w, c)
+
+
+def laclip_scores_reference(
+    t: torch.Tensor, g: torch.Tensor, c: torch.Tensor, *, alpha: float, tau: float, weights: WeightsMode
+) -> torch.Tensor:
+    """[Q, N] LACLIP scores by the direct formula, computed in fp32 (materialises [Q, N, K])."""
+    t, g, c = t.float(), g.float(), c.float()
+    global_term = t @ g.T  # [Q, N]
+    crop_sims = torch.einsum("qd,nkd->qnk", t, c)  # [Q, N, K]
+    if weights == "image":
+        w = image_weights(g, c, tau).unsqueeze(0)  # [1, N, K]
+    elif weights == "text":
+        w = torch.softmax(crop_sims / tau, dim=-1)
+    else:
+        raise InputError(f"weights must be 'image' or 'text', got {weights!r}")
+    return alpha * global_term + (1 - alpha) * (w * crop_sims).sum(-1)
+
+
+def laclip_topk_reference(
+    t: torch.Tensor, g: torch.Tensor, c: torch.Tensor, *, k: int, alpha: float, tau: float, weights: WeightsMode
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of the reference scores per query: (values [Q, k], indices [Q, k]), ties to the lower index."""
+    scores = laclip_scores_reference(t, g, c, alpha=alpha, tau=tau, weights=weights)
+    if not 1 <= k <= scores.shape[1]:
+        raise InputError(f"k must be in 1..{scores.shape[1]}, got {k}")
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+    return torch.gather(scores, 1, order), order

@@ -1,0 +1,156 @@
+"""Image decoding, cn_clip-exact image transform, LACLIP crop pixels, and cn_clip's BERT tokenizer."""
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence, Union
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torchvision.transforms import Compose, InterpolationMode, Normalize, Resize, ToTensor
+
+from .errors import ImageDecodeError, InputError
+
+ImageInput = Union[str, Path, bytes, bytearray, memoryview, Image.Image]
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+DEFAULT_MAX_PIXELS = 64_000_000  # more than this is treated as a decompression bomb
+DEFAULT_CONTEXT_LENGTH = 52
+
+
+def describe(source: ImageInput) -> str:
+    """A short name for an image input, used in error messages."""
+    if isinstance(source, (str, Path)):
+        return str(source)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return f"<{len(source)} bytes>"
+    if isinstance(source, Image.Image):
+        return f"<PIL {source.mode} {source.size[0]}x{source.size[1]}>"
+    return f"<{type(source).__name__}>"
+
+
+def load_image(source: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode a path, bytes or PIL image fully; any failure is an ImageDecodeError naming the input."""
+    name = describe(source)
+    if isinstance(source, Image.Image):
+        image = source
+    elif isinstance(source, (str, Path, bytes, bytearray, memoryview)):
+        image = _open(source, name)
+    else:
+        raise ImageDecodeError(f"{name}: expected a path, bytes or a PIL image")
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise ImageDecodeError(f"{name}: image has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        raise ImageDecodeError(
+            f"{name}: {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels} "
+            "(possible decompression bomb)"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image.load()
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... for damaged data
+        raise ImageDecodeError(f"{name}: cannot decode image ({exc.__class__.__name__}: {exc})") from exc
+    return image
+
+
+def _open(source: str | Path | bytes | bytearray | memoryview, name: str) -> Image.Image:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        if len(source) == 0:
+            raise ImageDecodeError(f"{name}: empty image data")
+        stream: io.IOBase | Path = io.BytesIO(bytes(source))
+    else:
+        stream = Path(source)
+        if not stream.is_file():
+            raise ImageDecodeError(f"{name}: no such file")
+        if stream.stat().st_size == 0:
+            raise ImageDecodeError(f"{name}: empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(stream)
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageDecodeError(f"{name}: not a readable image ({exc.__class__.__name__}: {exc})") from exc
+    except Exception as exc:
+        raise ImageDecodeError(f"{name}: cannot open image ({exc.__class__.__name__}: {exc})") from exc
+
+
+def content_seed(image: Image.Image) -> int:
+    """A 63-bit seed from the decoded pixels, mode and size: the same image always gets the same crops."""
+    digest = hashlib.blake2b(digest_size=8)
+    digest.update(f"{image.mode}:{image.size[0]}x{image.size[1]}:".encode())
+    digest.update(image.tobytes())
+    return int.from_bytes(digest.digest(), "little") >> 1
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    return image.convert("RGB")
+
+
+class ImageTransform:
+    """cn_clip's `image_transform`: bicubic resize to a square (aspect not kept), then RGB, then CLIP mean/std."""
+
+    def __init__(self, resolution: int) -> None:
+        self.resolution = resolution
+        self._transform = Compose([
+            Resize((resolution, resolution), interpolation=InterpolationMode.BICUBIC),
+            _to_rgb,
+            ToTensor(),
+            Normalize(CLIP_MEAN, CLIP_STD),
+        ])
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        """[3, R, R] float32 pixels for a decoded image."""
+        return self._transform(image)
+
+    def crops(self, image: Image.Image, boxes: Sequence[tuple[int, int, int, int]]) -> torch.Tensor:
+        """[K, 3, R, R]: each (left, top, right, bottom) crop put through exactly the global transform."""
+        return torch.stack([self._transform(image.crop(box)) for box in boxes])
+
+
+@dataclass(frozen=True)
+class TokenizedTexts:
+    """Token ids [n, context_length] (cn_clip layout, 0-padded) and which texts were truncated."""
+
+    ids: torch.Tensor
+    truncated: list[bool]
+
+
+class Tokenizer:
+    """cn_clip's BERT tokenizer: [CLS] tokens[:L-2] [SEP], zero-padded to the context length L."""
+
+    def __init__(self, context_length: int = DEFAULT_CONTEXT_LENGTH) -> None:
+        if context_length < 3:
+            raise InputError(f"context_length must be at least 3, got {context_length}")
+        from cn_clip.clip import _tokenizer
+
+        self._tokenizer = _tokenizer
+        self.context_length = context_length
+        self.cls_id = _tokenizer.vocab["[CLS]"]
+        self.sep_id = _tokenizer.vocab["[SEP]"]
+        self.pad_id = _tokenizer.vocab["[PAD]"]
+
+    def __call__(self, texts: Sequence[str]) -> TokenizedTexts:
+        """Tokenize a batch; an empty or non-string text is an InputError naming its position."""
+        ids = torch.zeros(len(texts), self.context_length, dtype=torch.long)
+        truncated = []
+        for row, text in enumerate(texts):
+            pieces = self._pieces(text, row)
+            keep = pieces[: self.context_length - 2]
+            truncated.append(len(keep) < len(pieces))
+            tokens = [self.cls_id, *keep, self.sep_id]
+            ids[row, : len(tokens)] = torch.tensor(tokens)
+        return TokenizedTexts(ids, truncated)
+
+    def _pieces(self, text: object, row: int) -> list[int]:
+        if not isinstance(text, str):
+            raise InputError(f"text #{row} is a {type(text).__name__}, expected str")
+        pieces = self._tokenizer.convert_tokens_to_ids(self._tokenizer.tokenize(text))
+        if not pieces:
+            raise InputError(f"text #{row} is empty (or only whitespace/control characters): {text!r}")
+        return pieces
