@@ -129,8 +129,9 @@ def save_checkpoint(model: torch.nn.Module, path: str | Path, *, module_prefix: 
     return path
 
 
-def official_checkpoint_path(spec: ModelSpec, cache_dir: Path = DEFAULT_CACHE_DIR) -> Path:
+def official_checkpoint_path(spec: ModelSpec, cache_dir: Path | None = None) -> Path:
     """Where cn_clip's `load_from_name` caches `spec`'s weights; downloads them if a hub client can."""
+    cache_dir = DEFAULT_CACHE_DIR if cache_dir is None else cache_dir
     if spec.filename is None:
         raise CheckpointError(f"model {spec.name!r} has no official weights; pass a checkpoint path")
     target = cache_dir / spec.filename

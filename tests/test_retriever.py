@@ -1,0 +1,182 @@
+"""End to end: a tiny cn_clip checkpoint through from_checkpoint, index, search both ways vs brute-force numpy."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import SAMPLE_TEXTS, image_bytes, make_image
+from engine import ImageDecodeError, IndexFormatError, InputError, LaclipConfig, Retriever
+from engine.gallery import list_images
+from engine.index import Index, IndexManifest
+from engine.models import build_random_model, get_spec, save_checkpoint
+
+MODES = {
+    "global": None,
+    "laclip-image": LaclipConfig(num_crops=3, tau=0.05, alpha=0.3),
+    "laclip-text": LaclipConfig(num_crops=3, tau=0.05, alpha=0.3, weights="text"),
+    "laclip-grid": LaclipConfig(num_crops=4, crop_mode="grid", alpha=0.0),
+}
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def brute_force(t: np.ndarray, g: np.ndarray, c: np.ndarray | None, config: LaclipConfig | None) -> np.ndarray:
+    """[Q, N] scores straight from the formula in float64 numpy, independent of engine code."""
+    t, g = t.astype(np.float64), g.astype(np.float64)
+    if config is None:
+        return t @ g.T
+    c = c.astype(np.float64)
+    sims = np.einsum("qd,nkd->qnk", t, c)
+    if config.weights == "image":
+        w = _softmax(np.einsum("nkd,nd->nk", c, g) / config.tau)[None]
+    else:
+        w = _softmax(sims / config.tau)
+    return config.alpha * (t @ g.T) + (1 - config.alpha) * (w * sims).sum(-1)
+
+
+def expected_order(scores: np.ndarray, ids: list) -> list[list]:
+    return [[ids[i] for i in np.argsort(-row, kind="stable")] for row in scores]
+
+
+@pytest.fixture(scope="module", params=list(MODES))
+def built(request, tiny_checkpoint, image_dir):
+    config = MODES[request.param]
+    retriever = Retriever.from_checkpoint(tiny_checkpoint, model="tiny", laclip=config, batch_size=5, progress=False)
+    retriever.add_images(list_images(image_dir))
+    retriever.add_texts(SAMPLE_TEXTS, ids=[f"t{i}" for i in range(len(SAMPLE_TEXTS))])
+    return retriever, config
+
+
+def test_text_to_image_matches_brute_force(built):
+    retriever, config = built
+    queries = SAMPLE_TEXTS[:4]
+    t = retriever.encode_texts(queries)
+    idx = retriever.index
+    crops = idx.array("image_crops") if config else None
+    scores = brute_force(t, idx.array("image_global"), crops, config)
+    hits = retriever.search_images(queries, k=12)
+    for row, query_hits, order in zip(scores, hits, expected_order(scores, idx.image_ids)):
+        assert [h.id for h in query_hits] == order
+        assert np.allclose([h.score for h in query_hits], np.sort(row)[::-1], atol=1e-5)
+    single = retriever.search_images(queries[0], k=3)  # a bare str gives that query's hits
+    assert [h.id for h in single] == [h.id for h in hits[0][:3]]
+    assert np.allclose([h.score for h in single], [h.score for h in hits[0][:3]], atol=1e-5)
+
+
+def test_image_to_text_matches_brute_force(built, image_dir):
+    retriever, config = built
+    images = list_images(image_dir)[:3]
+    emb = retriever.encode_image_views(images)
+    t = retriever.index.array("text_emb")
+    scores = brute_force(t, emb.global_, emb.crops, config).T  # [images, texts]
+    hits = retriever.search_texts(images, k=len(SAMPLE_TEXTS))
+    for row, image_hits, order in zip(scores, hits, expected_order(scores, retriever.index.text_ids)):
+        assert [h.id for h in image_hits] == order
+        assert np.allclose([h.score for h in image_hits], np.sort(row)[::-1], atol=1e-5)
+
+
+def test_image_ids_default_to_file_stems(built, image_dir):
+    retriever, _ = built
+    assert retriever.index.image_ids == [p.stem for p in list_images(image_dir)]
+
+
+def test_save_load_round_trip(built, tmp_path, tiny_checkpoint):
+    retriever, config = built
+    retriever.save(tmp_path / "idx")
+    loaded = Retriever.load(tmp_path / "idx", progress=False)
+    assert loaded.laclip == config
+    assert loaded.search_images(SAMPLE_TEXTS[:2], k=5) == retriever.search_images(SAMPLE_TEXTS[:2], k=5)
+    assert loaded.index.text_ids == retriever.index.text_ids
+
+
+def test_index_from_another_checkpoint_is_refused(built, tmp_path):
+    retriever, _ = built
+    retriever.save(tmp_path / "idx")
+    other = save_checkpoint(build_random_model(get_spec("tiny"), seed=99), tmp_path / "other.pt")
+    with pytest.raises(IndexFormatError, match="checkpoint hash"):
+        Retriever.load(tmp_path / "idx", checkpoint=other)
+    with pytest.raises(IndexFormatError, match="checkpoint hash"):
+        Retriever.from_checkpoint(None, model="tiny").attach(retriever.index)
+    foreign = Index(IndexManifest("RN50", retriever.identity.checkpoint_hash, 32, retriever.laclip))
+    with pytest.raises(IndexFormatError, match="built with model 'RN50'"):
+        retriever.attach(foreign)
+
+
+def test_rescoring_with_new_tau_alpha_keeps_crops(tiny_checkpoint, image_dir):
+    config = LaclipConfig(num_crops=2, tau=0.1, alpha=0.5)
+    first = Retriever.from_checkpoint(tiny_checkpoint, model="tiny", laclip=config, progress=False)
+    first.add_images(list_images(image_dir)[:5])
+    rescored = Retriever.from_checkpoint(tiny_checkpoint, model="tiny",
+                                         laclip=LaclipConfig(num_crops=2, tau=1.0, alpha=0.0), progress=False)
+    rescored.attach(first.index)
+    t = rescored.encode_texts(SAMPLE_TEXTS[:1])
+    scores = brute_force(t, first.index.array("image_global"), first.index.array("image_crops"), rescored.laclip)
+    assert np.allclose([h.score for h in rescored.search_images(SAMPLE_TEXTS[0], k=5)], np.sort(scores[0])[::-1],
+                       atol=1e-5)
+    with pytest.raises(IndexFormatError, match="LACLIP crops"):
+        Retriever.from_checkpoint(tiny_checkpoint, model="tiny", laclip=LaclipConfig(num_crops=3)).attach(first.index)
+
+
+@pytest.fixture(scope="module")
+def small(tiny_checkpoint):
+    retriever = Retriever.from_checkpoint(tiny_checkpoint, model="tiny", progress=False)
+    retriever.add_images([make_image(50, 60, seed=i) for i in range(3)], ids=["a", "b", "c"])
+    retriever.add_texts(SAMPLE_TEXTS[:3])
+    return retriever
+
+
+@pytest.mark.parametrize("k", [0, 4, -1, 2.5, True])
+def test_k_out_of_range(small, k):
+    with pytest.raises(InputError, match="k must be"):
+        small.search_images("猫", k=k)
+
+
+def test_bad_queries_and_adds_leave_the_index_unchanged(small):
+    before = (list(small.index.image_ids), list(small.index.text_ids))
+    with pytest.raises(InputError, match="empty"):
+        small.search_images("", k=1)
+    with pytest.raises(InputError, match="single str"):
+        small.add_texts("猫")
+    with pytest.raises(InputError, match="duplicate id 'a'"):
+        small.add_images([make_image(10, 10)], ids=["a"])
+    with pytest.raises(ImageDecodeError, match="bytes"):
+        small.add_images([image_bytes(make_image(10, 10)), b"garbage"])
+    with pytest.raises(ImageDecodeError):
+        small.search_texts(b"", k=1)
+    assert (small.index.image_ids, small.index.text_ids) == before
+    assert small.index.text_ids == [0, 1, 2]
+
+
+def test_empty_index_search_is_an_error(tiny_checkpoint):
+    with pytest.raises(InputError, match="no images"):
+        Retriever.from_checkpoint(tiny_checkpoint, model="tiny").search_images("猫")
+
+
+def test_command_line_index_and_search(tiny_checkpoint, image_dir, tmp_path):
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text("".join(json.dumps({"text_id": i, "text": t}, ensure_ascii=False) + "\n"
+                             for i, t in enumerate(SAMPLE_TEXTS)), encoding="utf-8")
+    run = [sys.executable, "-m", "engine"]
+    subprocess.run(run + ["index", "--model", "tiny", "--checkpoint", str(tiny_checkpoint), "--images",
+                          str(image_dir), "--texts", str(texts), "--out", str(tmp_path / "idx"), "--crops", "2"],
+                   check=True, capture_output=True, text=True)
+    out = subprocess.run(run + ["search", "--index", str(tmp_path / "idx"), "--text", SAMPLE_TEXTS[1], "-k", "3",
+                                "--json"], check=True, capture_output=True, text=True).stdout
+    retriever = Retriever.load(tmp_path / "idx")
+    expected = [{"id": h.id, "score": pytest.approx(h.score, abs=1e-6)}
+                for h in retriever.search_images(SAMPLE_TEXTS[1], k=3)]
+    assert json.loads(out) == expected
+    image_query = str(list_images(image_dir)[0])
+    out = subprocess.run(run + ["search", "--index", str(tmp_path / "idx"), "--image", image_query, "-k", "2",
+                                "--json"], check=True, capture_output=True, text=True).stdout
+    assert [h["id"] for h in json.loads(out)] == [h.id for h in retriever.search_texts(image_query, k=2)]
+    bad = subprocess.run(run + ["search", "--index", str(tmp_path / "nope"), "--text", "猫"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "not an index" in bad.stderr
