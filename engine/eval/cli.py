@@ -1,0 +1,117 @@
+"""Command line of `python -m engine.eval`: parse options, run `evaluate`, print tables, write JSON."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from ..cli import add_laclip_arguments, laclip_from_args
+from ..errors import EngineError
+from ..laclip import LaclipConfig
+from ..models import available_models
+from .datasets import DatasetError
+from .evaluate import EvalReport, EvalSettings, evaluate
+from .features import DEFAULT_CACHE_DIR
+from .metrics import KS, Metrics
+
+
+def _list_of(kind: Callable[[str], object]) -> Callable[[str], tuple]:
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(kind(part) for part in text.split(",") if part.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}") from None
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m engine.eval", description=__doc__)
+    parser.add_argument("--model", default="ViT-B-16", choices=available_models())
+    parser.add_argument("--checkpoint", help="cn_clip checkpoint (.pt); default: the official weights")
+    parser.add_argument("--data", required=True, type=Path,
+                        help="folder with {split}_texts.jsonl and {split}_imgs.tsv or images/")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--layout", choices=["auto", "tsv", "folder"], default="auto",
+                        help="image source: {split}_imgs.tsv (cn_clip) or images/ (image folder); "
+                             "auto picks the one present")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help="feature cache folder")
+    parser.add_argument("--no-cache", action="store_true", help="encode everything and cache nothing")
+    parser.add_argument("--skip-bad", action="store_true",
+                        help="skip bad records (reported with file and line) instead of failing")
+    parser.add_argument("--json", type=Path, metavar="OUT", help="write the results as JSON to OUT")
+    add_laclip_arguments(parser)
+    sweep = parser.add_argument_group("sweep (one printed row per combination; unswept values from the LACLIP options)")
+    sweep.add_argument("--sweep-crops", type=_list_of(int), default=(), metavar="K,K,...")
+    sweep.add_argument("--sweep-tau", type=_list_of(float), default=(), metavar="T,T,...")
+    sweep.add_argument("--sweep-alpha", type=_list_of(float), default=(), metavar="A,A,...")
+    sweep.add_argument("--sweep-weights", type=_list_of(str), default=(), metavar="image,text")
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> EvalSettings:
+    return EvalSettings(
+        data=args.data, model=args.model, checkpoint=args.checkpoint, split=args.split, layout=args.layout,
+        laclip=laclip_from_args(args), sweep_crops=args.sweep_crops, sweep_tau=args.sweep_tau,
+        sweep_alpha=args.sweep_alpha, sweep_weights=args.sweep_weights, batch_size=args.batch_size,
+        device=args.device, cache_dir=None if args.no_cache else args.cache_dir, skip_bad=args.skip_bad,
+    )
+
+
+def _cells(metrics: Metrics) -> str:
+    t2i = " ".join(f"{metrics['text_to_image'][f'R@{k}']:6.2f}" for k in KS)
+    i2t = " ".join(f"{metrics['image_to_text'][f'R@{k}']:6.2f}" for k in KS)
+    return f"{t2i} | {i2t} | {metrics['MR']:6.2f}"
+
+
+def _header() -> str:
+    ks = " ".join(f"{f'R@{k}':>6}" for k in KS)
+    return f"{'text->image':^20} | {'image->text':^20} |\n{ks} | {ks} | {'MR':>6}"
+
+
+def format_report(report: EvalReport) -> str:
+    """The side-by-side table (and the sweep table) as printed by the command."""
+    m = report.meta
+    lines = [f"{m['data']} split {m['split']} ({m['layout']} layout): {m['texts']} texts, {m['images']} images, "
+             f"{m['image_queries']} image queries; model {m['model']}; features "
+             f"{'from cache' if m['features_cached'] else 'encoded'}"]
+    if m["laclip"]:
+        c = LaclipConfig.from_dict(m["laclip"])
+        lines.append(f"LACLIP: K={c.num_crops} {c.crop_mode} crops, tau={c.tau}, alpha={c.alpha}, "
+                     f"weights={c.weights}, seed={c.seed}")
+    head = _header().split("\n")
+    lines += ["", f"{'':8}{head[0]}", f"{'mode':8}{head[1]}"]
+    lines += [f"{mode:8}{_cells(metrics)}" for mode, metrics in report.results.items()]
+    if report.sweep:
+        lines += ["", f"{'K':>3} {'tau':>7} {'alpha':>6} {'weights':>7}  {head[0]}",
+                  f"{'':28}{head[1]}"]
+        lines += [f"{c.num_crops:>3} {c.tau:>7g} {c.alpha:>6g} {c.weights:>7}  {_cells(metrics)}"
+                  for c, metrics in report.sweep]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        report = evaluate(settings_from_args(args))
+    except DatasetError as exc:
+        print(f"error: {len(exc.problems)} bad records (rerun with --skip-bad to skip them):", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 2
+    except EngineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if report.skipped:
+        print(f"skipped {len(report.skipped)} bad records:", file=sys.stderr)
+        for problem in report.skipped:
+            print(f"  {problem}", file=sys.stderr)
+    print(format_report(report))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report.to_json(), ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {args.json}")
+    return 0
