@@ -46,6 +46,9 @@ class TorchEncoder:
     @torch.inference_mode()
     def encode_texts(self, token_ids: torch.Tensor) -> np.ndarray:
         ids = token_ids.to(self.device, non_blocking=True)
+        used = ids.ne(self.pad_id).any(0).nonzero()
+        if len(used):  # trailing all-padding columns are masked keys that change nothing; the cost scales with L
+            ids = ids[:, : int(used.max()) + 1]
         attention = ids.ne(self.pad_id).float()
         with self._autocast():
             hidden = self.model.bert(ids, attention_mask=attention)[0]

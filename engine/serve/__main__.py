@@ -1,0 +1,122 @@
+"""`python -m engine.serve --model NAME [...]`: start the dynamic-batching retrieval server (see --help)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from ..batcher import BatcherConfig
+from ..cli import add_laclip_arguments, laclip_from_args
+from ..errors import EngineError
+from ..models import available_models
+from ..preprocess import DEFAULT_MAX_PIXELS
+from .app import create_app
+from .core import ServeConfig, ServerCore
+from .metrics import ServerMetrics
+
+INDEX_SUBDIR = ".cnclip-index"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = BatcherConfig()
+    p = argparse.ArgumentParser(prog="python -m engine.serve", description=__doc__)
+    p.add_argument("--model", required=True, choices=available_models(),
+                   help="model structure; 'tiny' with no checkpoint runs offline on random weights")
+    p.add_argument("--checkpoint", help="cn_clip checkpoint (.pt); default: the official weights for --model")
+    p.add_argument("--random-weights", action="store_true",
+                   help="seeded random weights for any model (benchmarks and trials only; no real retrieval)")
+    p.add_argument("--export", type=Path, help="serve the towers of a `python -m export` directory")
+    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"],
+                   help="runtime for --export (tensorrt needs --device cuda)")
+    p.add_argument("--index", type=Path, help="index directory: loaded if it exists; adds are saved here")
+    p.add_argument("--gallery", type=Path, help="image folder to index at start-up (ids = file stems; only "
+                   f"images not yet indexed); saved to --index (default GALLERY/{INDEX_SUBDIR})")
+    p.add_argument("--texts", type=Path, help="with --gallery: JSON lines {\"text_id\"|\"id\": ..., \"text\": ...}")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--api-key", default=os.environ.get("CNCLIP_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: $CNCLIP_API_KEY)")
+    g = p.add_argument_group("batching and limits")
+    g.add_argument("--max-batch-size", type=int, default=d.max_batch_size, help="items per tower call")
+    g.add_argument("--max-delay-ms", type=float, default=d.max_delay_ms,
+                   help="how long the oldest queued item waits for a batch to fill")
+    g.add_argument("--max-queue", type=int, default=d.max_queue,
+                   help="queued items per tower before requests get 429")
+    g.add_argument("--request-timeout-s", type=float, default=d.timeout_s,
+                   help="a request waiting longer than this in a tower queue gets 503")
+    g.add_argument("--workers", type=int, default=2, help="threads decoding images, tokenizing and scoring")
+    g.add_argument("--max-body-mb", type=float, default=20.0, help="larger request bodies get 413")
+    g.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help="larger images get 400 (decompression bomb guard)")
+    g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_laclip_arguments(p)
+    return p
+
+
+def config_from_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> ServeConfig:
+    """Validate paths and numbers up front, so a typo fails before the server starts."""
+    if args.texts is not None and args.gallery is None:
+        p.error("--texts needs --gallery")
+    if args.gallery is not None and not args.gallery.is_dir():
+        p.error(f"--gallery {args.gallery}: not a directory")
+    if args.texts is not None and not args.texts.is_file():
+        p.error(f"--texts {args.texts}: no such file")
+    if args.checkpoint is not None and not Path(args.checkpoint).is_file():
+        p.error(f"--checkpoint {args.checkpoint}: no such file")
+    if sum([args.checkpoint is not None, args.random_weights, args.export is not None]) > 1:
+        p.error("--checkpoint, --random-weights and --export are exclusive")
+    if args.export is not None and not args.export.is_dir():
+        p.error(f"--export {args.export}: not a directory")
+    if args.index is not None and args.index.exists() and not args.index.is_dir():
+        p.error(f"--index {args.index}: not a directory")
+    for flag, value in (("--workers", args.workers), ("--max-body-mb", args.max_body_mb),
+                        ("--max-pixels", args.max_pixels)):
+        if not value > 0:
+            p.error(f"{flag} must be > 0, got {value}")
+    index_dir = args.index
+    if index_dir is None and args.gallery is not None:
+        index_dir = args.gallery / INDEX_SUBDIR
+    try:
+        batch = BatcherConfig(args.max_batch_size, args.max_delay_ms, args.max_queue, args.request_timeout_s)
+        laclip = laclip_from_args(args)
+    except EngineError as exc:
+        p.error(str(exc))
+    return ServeConfig(model=args.model, checkpoint=args.checkpoint, random_weights=args.random_weights,
+                       export_dir=args.export, backend=args.backend, index_dir=index_dir, gallery=args.gallery, texts=args.texts, laclip=laclip,
+                       device=args.device, batch=batch, workers=args.workers, max_pixels=args.max_pixels)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import uvicorn
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    config = config_from_args(parser, args)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    metrics = ServerMetrics()
+    core = ServerCore(config, on_batch=metrics.observe_batch)
+    failures: list[BaseException] = []
+    server: uvicorn.Server | None = None
+
+    def fatal(exc: BaseException) -> None:
+        failures.append(exc)
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(core, metrics, api_key=args.api_key, max_body_bytes=int(args.max_body_mb * (1 << 20)),
+                     on_fatal=fatal)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           timeout_graceful_shutdown=config.batch.timeout_s + 5))
+    server.run()
+    if failures:
+        print(f"error: {failures[0]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
