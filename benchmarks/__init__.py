@@ -1,0 +1,1 @@
+"""Benchmarks (pytest-benchmark): run with `python -m pytest benchmarks/<file> --benchmark-only`."""

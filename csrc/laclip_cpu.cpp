@@ -1,0 +1,554 @@
+// LACLIP fused scoring on the CPU.
+//
+// Work is split into chunks (a range of queries x a range of images), one per thread. A chunk walks its images
+// in tiles of a few dozen images (~0.5 MiB of fp32 rows, so a tile stays in L2) and, for each group of queries,
+// computes all dot products of the group against the tile's rows with a register-blocked micro-kernel
+// (6 queries x 4 rows, D innermost), then a per-(query, image) epilogue: the K-softmax and weighted sum
+// ("text" weights) or nothing at all ("image" weights: each image's pooled vector
+// p = alpha g + (1 - alpha) sum_j w_j c_j is built once per tile, so the score is the single dot p . t).
+// fp16 rows are converted to fp32 once per tile. Top-k keeps one heap of k entries per (query, image range);
+// heaps are merged at the end, so neither [Q, N, K] nor [Q, N] is ever stored.
+//
+// The hot loops have two implementations: AVX-512 intrinsics (chosen at run time when the CPU has AVX-512F)
+// and portable loops the compiler vectorises at -O3. Both accumulate in fp32.
+#include "laclip.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <utility>
+#include <vector>
+
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+#define LACLIP_HAVE_AVX512 1
+#include <immintrin.h>
+#define LACLIP_AVX512 __attribute__((target("avx2,fma,f16c,avx512f")))
+#define LACLIP_AVX512_INLINE __attribute__((target("avx2,fma,f16c,avx512f"), always_inline)) inline
+#endif
+
+namespace laclip {
+namespace {
+
+using idx_t = int64_t;
+
+constexpr idx_t kQueryGroup = 64;      // queries whose dot products are held at once per tile
+constexpr idx_t kTileBytes = 512 << 10;  // fp32 bytes of image rows (global + crops) per tile
+
+// ------------------------------------------------------------------------------------------------------------
+// Kernel table: one implementation per instruction set.
+// ------------------------------------------------------------------------------------------------------------
+struct Kernels {
+  // out[q * ldo + m] = T_q . R_m for q < nq, m < nm; rows of D floats, row strides ldt / ldr.
+  void (*dots)(const float* T, idx_t ldt, idx_t nq, const float* R, idx_t ldr, idx_t nm, idx_t D, float* out,
+               idx_t ldo);
+  // "text" weights, one query over nb images: out[n] = alpha sg[n] + (1 - alpha) sum_j w_j sc[n K + j],
+  // w = softmax_j(sc[n K + j] * inv_tau).
+  void (*text_epilogue)(const float* sg, const float* sc, idx_t nb, idx_t K, float alpha, float inv_tau,
+                        float* out);
+  // "image" weights, one image: p = alpha g + (1 - alpha) sum_j softmax_j(c_j . g * inv_tau) c_j. w: K floats.
+  void (*pool)(const float* g, const float* c, idx_t K, idx_t D, float alpha, float inv_tau, float* w, float* p);
+  void (*half_to_float)(const c10::Half* src, float* dst, idx_t n);
+  const char* name;
+};
+
+// Softmax of K scalars times (1 - alpha), in place (shared by both pool implementations).
+inline void scaled_softmax(float* w, idx_t K, float alpha, float inv_tau) {
+  float mx = w[0];
+  for (idx_t j = 1; j < K; ++j) mx = std::max(mx, w[j]);
+  float sum = 0.f;
+  for (idx_t j = 0; j < K; ++j) {
+    w[j] = std::exp((w[j] - mx) * inv_tau);
+    sum += w[j];
+  }
+  const float scale = (1.f - alpha) / sum;
+  for (idx_t j = 0; j < K; ++j) w[j] *= scale;
+}
+
+// ---------------------------------------------- portable ----------------------------------------------------
+void dots_generic(const float* T, idx_t ldt, idx_t nq, const float* R, idx_t ldr, idx_t nm, idx_t D, float* out,
+                  idx_t ldo) {
+  for (idx_t q = 0; q < nq; ++q) {
+    const float* t = T + q * ldt;
+    for (idx_t m = 0; m < nm; ++m) {
+      const float* r = R + m * ldr;
+      float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+      for (idx_t d = 0; d < D; ++d) acc += t[d] * r[d];
+      out[q * ldo + m] = acc;
+    }
+  }
+}
+
+void text_epilogue_generic(const float* sg, const float* sc, idx_t nb, idx_t K, float alpha, float inv_tau,
+                           float* out) {
+  for (idx_t n = 0; n < nb; ++n) {
+    const float* s = sc + n * K;
+    float mx = s[0];
+    for (idx_t j = 1; j < K; ++j) mx = std::max(mx, s[j]);
+    float esum = 0.f, ws = 0.f;
+    for (idx_t j = 0; j < K; ++j) {
+      const float e = std::exp((s[j] - mx) * inv_tau);
+      esum += e;
+      ws += e * s[j];
+    }
+    out[n] = alpha * sg[n] + (1.f - alpha) * (ws / esum);
+  }
+}
+
+void pool_generic(const float* g, const float* c, idx_t K, idx_t D, float alpha, float inv_tau, float* w,
+                  float* p) {
+  dots_generic(g, D, 1, c, D, K, D, w, K);
+  scaled_softmax(w, K, alpha, inv_tau);
+  for (idx_t d = 0; d < D; ++d) p[d] = alpha * g[d];
+  for (idx_t j = 0; j < K; ++j) {
+    const float wj = w[j];
+    const float* cj = c + j * D;
+#pragma omp simd
+    for (idx_t d = 0; d < D; ++d) p[d] += wj * cj[d];
+  }
+}
+
+void half_to_float_generic(const c10::Half* src, float* dst, idx_t n) {
+  for (idx_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+const Kernels kGeneric{dots_generic, text_epilogue_generic, pool_generic, half_to_float_generic, "generic"};
+
+// ---------------------------------------------- AVX-512 -----------------------------------------------------
+#ifdef LACLIP_HAVE_AVX512
+
+LACLIP_AVX512_INLINE __mmask16 tail_mask(idx_t count) {
+  return count >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << count) - 1u);
+}
+
+// Sums of four vectors: result lane i = sum of all 16 floats of input i.
+LACLIP_AVX512_INLINE __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(1, 0, 1, 0)),
+                                  _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, _MM_SHUFFLE(1, 0, 1, 0)),
+                                  _mm512_shuffle_f32x4(c, d, _MM_SHUFFLE(3, 2, 3, 2)));
+  // 128-bit lane 0 holds a's four partial sums, lane 1 b's, lane 2 c's, lane 3 d's.
+  __m512 x = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, _MM_SHUFFLE(2, 0, 2, 0)),
+                           _mm512_shuffle_f32x4(ab, cd, _MM_SHUFFLE(3, 1, 3, 1)));
+  x = _mm512_add_ps(x, _mm512_permute_ps(x, _MM_SHUFFLE(1, 0, 3, 2)));
+  x = _mm512_add_ps(x, _mm512_permute_ps(x, _MM_SHUFFLE(2, 3, 0, 1)));
+  const __m512i pick = _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+  return _mm512_castps512_ps128(_mm512_permutexvar_ps(pick, x));
+}
+
+// QB queries x MB rows of dot products, D innermost; QB * MB accumulators stay in registers.
+// PF: software-prefetch the next MB rows (the first query block of a tile streams its rows from DRAM).
+template <int QB, int MB, bool PF>
+LACLIP_AVX512_INLINE void dot_tile(const float* T, idx_t ldt, const float* R, idx_t ldr, idx_t D, float* out,
+                                   idx_t ldo) {
+  __m512 acc[QB][MB];
+#pragma GCC unroll 8
+  for (int q = 0; q < QB; ++q)
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m) acc[q][m] = _mm512_setzero_ps();
+  idx_t d = 0;
+  for (; d + 16 <= D; d += 16) {
+    __m512 r[MB];
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m) r[m] = _mm512_loadu_ps(R + m * ldr + d);
+    if constexpr (PF) {
+#pragma GCC unroll 8
+      for (int m = 0; m < MB; ++m)
+        _mm_prefetch(reinterpret_cast<const char*>(R + (m + MB) * ldr + d), _MM_HINT_T0);
+    }
+#pragma GCC unroll 8
+    for (int q = 0; q < QB; ++q) {
+      const __m512 t = _mm512_loadu_ps(T + q * ldt + d);
+#pragma GCC unroll 8
+      for (int m = 0; m < MB; ++m) acc[q][m] = _mm512_fmadd_ps(t, r[m], acc[q][m]);
+    }
+  }
+  if (d < D) {
+    const __mmask16 mk = tail_mask(D - d);
+    __m512 r[MB];
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m) r[m] = _mm512_maskz_loadu_ps(mk, R + m * ldr + d);
+#pragma GCC unroll 8
+    for (int q = 0; q < QB; ++q) {
+      const __m512 t = _mm512_maskz_loadu_ps(mk, T + q * ldt + d);
+#pragma GCC unroll 8
+      for (int m = 0; m < MB; ++m) acc[q][m] = _mm512_fmadd_ps(t, r[m], acc[q][m]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int q = 0; q < QB; ++q) {
+    // One reduction order for every row (tails padded with zeros), so identical rows give identical scores.
+    const __m512 z = _mm512_setzero_ps();
+    const __m128 sums = hsum4(acc[q][0], MB > 1 ? acc[q][MB > 1 ? 1 : 0] : z, MB > 2 ? acc[q][MB > 2 ? 2 : 0] : z,
+                              MB > 3 ? acc[q][MB > 3 ? 3 : 0] : z);
+    if constexpr (MB == 4) {
+      _mm_storeu_ps(out + q * ldo, sums);
+    } else {
+      alignas(16) float tmp[4];
+      _mm_store_ps(tmp, sums);
+#pragma GCC unroll 4
+      for (int m = 0; m < MB; ++m) out[q * ldo + m] = tmp[m];
+    }
+  }
+}
+
+template <int QB, bool PF>
+LACLIP_AVX512 void dots_rows(const float* T, idx_t ldt, const float* R, idx_t ldr, idx_t nm, idx_t D, float* out,
+                             idx_t ldo) {
+  idx_t m = 0;
+  for (; m + 4 <= nm; m += 4) dot_tile<QB, 4, PF>(T, ldt, R + m * ldr, ldr, D, out + m, ldo);
+  switch (nm - m) {
+    case 3: dot_tile<QB, 3, false>(T, ldt, R + m * ldr, ldr, D, out + m, ldo); break;
+    case 2: dot_tile<QB, 2, false>(T, ldt, R + m * ldr, ldr, D, out + m, ldo); break;
+    case 1: dot_tile<QB, 1, false>(T, ldt, R + m * ldr, ldr, D, out + m, ldo); break;
+    default: break;
+  }
+}
+
+template <int QB>
+LACLIP_AVX512 void dots_block(bool first, const float* T, idx_t ldt, const float* R, idx_t ldr, idx_t nm, idx_t D,
+                              float* out, idx_t ldo) {
+  if (first)
+    dots_rows<QB, true>(T, ldt, R, ldr, nm, D, out, ldo);
+  else
+    dots_rows<QB, false>(T, ldt, R, ldr, nm, D, out, ldo);
+}
+
+// Query blocks of 6; the first block reads the rows from memory (with prefetch), later blocks hit L2.
+LACLIP_AVX512 void dots_avx512(const float* T, idx_t ldt, idx_t nq, const float* R, idx_t ldr, idx_t nm, idx_t D,
+                               float* out, idx_t ldo) {
+  idx_t q = 0;
+  for (; q + 6 <= nq; q += 6) dots_block<6>(q == 0, T + q * ldt, ldt, R, ldr, nm, D, out + q * ldo, ldo);
+  const float* t = T + q * ldt;
+  float* o = out + q * ldo;
+  const bool first = q == 0;
+  switch (nq - q) {
+    case 5: dots_block<5>(first, t, ldt, R, ldr, nm, D, o, ldo); break;
+    case 4: dots_block<4>(first, t, ldt, R, ldr, nm, D, o, ldo); break;
+    case 3: dots_block<3>(first, t, ldt, R, ldr, nm, D, o, ldo); break;
+    case 2: dots_block<2>(first, t, ldt, R, ldr, nm, D, o, ldo); break;
+    case 1: dots_block<1>(first, t, ldt, R, ldr, nm, D, o, ldo); break;
+    default: break;
+  }
+}
+
+// exp(x) for x <= 0 (Cephes expf polynomial, ~1 ulp); large negative x flush towards 0.
+LACLIP_AVX512_INLINE __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));
+  x = _mm512_min_ps(x, _mm512_set1_ps(88.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+LACLIP_AVX512 void text_epilogue_avx512(const float* sg, const float* sc, idx_t nb, idx_t K, float alpha,
+                                        float inv_tau, float* out) {
+  const __m512i offsets =
+      _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                         _mm512_set1_epi32(static_cast<int>(K)));
+  const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(1.f - alpha), vt = _mm512_set1_ps(inv_tau);
+  const __m512 zero = _mm512_setzero_ps();
+  for (idx_t n = 0; n < nb; n += 16) {
+    const __mmask16 mk = tail_mask(nb - n);
+    const float* base = sc + n * K;
+    __m512 mx = _mm512_mask_i32gather_ps(zero, mk, offsets, base, 4);
+    for (idx_t j = 1; j < K; ++j) mx = _mm512_max_ps(mx, _mm512_mask_i32gather_ps(zero, mk, offsets, base + j, 4));
+    __m512 esum = zero, ws = zero;
+    for (idx_t j = 0; j < K; ++j) {
+      const __m512 s = _mm512_mask_i32gather_ps(zero, mk, offsets, base + j, 4);
+      const __m512 e = exp512(_mm512_mul_ps(_mm512_sub_ps(s, mx), vt));
+      esum = _mm512_add_ps(esum, e);
+      ws = _mm512_fmadd_ps(e, s, ws);
+    }
+    const __m512 g = _mm512_maskz_loadu_ps(mk, sg + n);
+    const __m512 res = _mm512_fmadd_ps(va, g, _mm512_mul_ps(vb, _mm512_div_ps(ws, esum)));
+    _mm512_mask_storeu_ps(out + n, mk, res);
+  }
+}
+
+LACLIP_AVX512 void pool_avx512(const float* g, const float* c, idx_t K, idx_t D, float alpha, float inv_tau,
+                               float* w, float* p) {
+  dots_avx512(g, D, 1, c, D, K, D, w, K);
+  scaled_softmax(w, K, alpha, inv_tau);
+  const __m512 va = _mm512_set1_ps(alpha);
+  for (idx_t d = 0; d < D; d += 16) {
+    const __mmask16 mk = tail_mask(D - d);
+    __m512 acc = _mm512_mul_ps(va, _mm512_maskz_loadu_ps(mk, g + d));
+    for (idx_t j = 0; j < K; ++j)
+      acc = _mm512_fmadd_ps(_mm512_set1_ps(w[j]), _mm512_maskz_loadu_ps(mk, c + j * D + d), acc);
+    _mm512_mask_storeu_ps(p + d, mk, acc);
+  }
+}
+
+LACLIP_AVX512 void half_to_float_avx512(const c10::Half* src, float* dst, idx_t n) {
+  idx_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+const Kernels kAvx512{dots_avx512, text_epilogue_avx512, pool_avx512, half_to_float_avx512, "avx512"};
+
+bool cpu_has_avx512() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2") &&
+                         __builtin_cpu_supports("fma");
+  return ok;
+}
+#else
+bool cpu_has_avx512() { return false; }
+#endif
+
+std::atomic<bool> g_force_generic{false};
+
+const Kernels& kernels() {
+#ifdef LACLIP_HAVE_AVX512
+  if (!g_force_generic.load() && cpu_has_avx512()) return kAvx512;
+#endif
+  return kGeneric;
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Top-k heaps: root = worst entry (lowest score; on equal scores, highest index).
+// ------------------------------------------------------------------------------------------------------------
+inline bool worse(float a, idx_t ia, float b, idx_t ib) { return a < b || (a == b && ia > ib); }
+
+struct Heaps {  // one heap of capacity k per query
+  idx_t k = 0;
+  std::vector<float> val;
+  std::vector<idx_t> idx;
+  std::vector<idx_t> size;
+  Heaps(idx_t Q, idx_t k_) : k(k_), val(Q * k_), idx(Q * k_), size(Q, 0) {}
+
+  void push(idx_t q, float s, idx_t id) {
+    float* v = val.data() + q * k;
+    idx_t* ix = idx.data() + q * k;
+    idx_t& n = size[q];
+    if (n < k) {
+      idx_t pos = n++;
+      while (pos > 0) {
+        const idx_t parent = (pos - 1) / 2;
+        if (!worse(s, id, v[parent], ix[parent])) break;
+        v[pos] = v[parent];
+        ix[pos] = ix[parent];
+        pos = parent;
+      }
+      v[pos] = s;
+      ix[pos] = id;
+      return;
+    }
+    if (!worse(v[0], ix[0], s, id)) return;
+    idx_t pos = 0;
+    for (;;) {
+      const idx_t l = 2 * pos + 1;
+      if (l >= n) break;
+      idx_t ch = l;
+      if (l + 1 < n && worse(v[l + 1], ix[l + 1], v[l], ix[l])) ch = l + 1;
+      if (!worse(v[ch], ix[ch], s, id)) break;
+      v[pos] = v[ch];
+      ix[pos] = ix[ch];
+      pos = ch;
+    }
+    v[pos] = s;
+    ix[pos] = id;
+  }
+
+  // Scores of images first_id, first_id + 1, ... (ids rise, so a score equal to the root's never enters).
+  void push_row(idx_t q, const float* s, idx_t count, idx_t first_id) {
+    const float* root = val.data() + q * k;
+    for (idx_t i = 0; i < count; ++i) {
+      if (size[q] == k && !(s[i] > root[0])) continue;
+      push(q, s[i], first_id + i);
+    }
+  }
+};
+
+// ------------------------------------------------------------------------------------------------------------
+// Driver
+// ------------------------------------------------------------------------------------------------------------
+struct Problem {
+  const float* T = nullptr;  // [Q, D] fp32
+  const float* Gf = nullptr;
+  const float* Cf = nullptr;  // fp32 rows, or
+  const c10::Half* Gh = nullptr;
+  const c10::Half* Ch = nullptr;  // fp16 rows
+  idx_t Q = 0, N = 0, K = 0, D = 0;
+  float alpha = 0.f, inv_tau = 1.f;
+  bool text = false;
+};
+
+idx_t tile_images(idx_t K, idx_t D) {
+  const idx_t per_image = (K + 1) * D * static_cast<idx_t>(sizeof(float));
+  idx_t t = std::max<idx_t>(1, kTileBytes / per_image);
+  if (t >= 32) t = t / 16 * 16;
+  return std::min<idx_t>(t, 512);
+}
+
+// One chunk: queries [qa, qb) x images [na, nb). Writes scores rows (scores != nullptr) or pushes into heaps.
+void run_chunk(const Problem& P, const Kernels& kern, idx_t qa, idx_t qb, idx_t na, idx_t nb, idx_t tile,
+               float* scores, Heaps* heaps) {
+  const idx_t K = P.K, D = P.D;
+  const bool half = P.Gh != nullptr;
+  std::vector<float> gbuf(half ? tile * D : 0), cbuf(half ? tile * K * D : 0);
+  std::vector<float> pbuf(P.text ? 0 : tile * D), wbuf(K);
+  const idx_t qg = std::min(kQueryGroup, qb - qa);
+  std::vector<float> sg(qg * tile), sc(P.text ? qg * tile * K : 0), row(tile);
+
+  for (idx_t n0 = na; n0 < nb; n0 += tile) {
+    const idx_t nt = std::min(tile, nb - n0);
+    const float* g;
+    const float* c;
+    if (half) {
+      kern.half_to_float(P.Gh + n0 * D, gbuf.data(), nt * D);
+      kern.half_to_float(P.Ch + n0 * K * D, cbuf.data(), nt * K * D);
+      g = gbuf.data();
+      c = cbuf.data();
+    } else {
+      g = P.Gf + n0 * D;
+      c = P.Cf + n0 * K * D;
+    }
+    if (!P.text) {
+      for (idx_t i = 0; i < nt; ++i)
+        kern.pool(g + i * D, c + i * K * D, K, D, P.alpha, P.inv_tau, wbuf.data(), pbuf.data() + i * D);
+    }
+    for (idx_t q0 = qa; q0 < qb; q0 += qg) {
+      const idx_t nq = std::min(qg, qb - q0);
+      const float* t = P.T + q0 * D;
+      if (P.text) {
+        kern.dots(t, D, nq, g, D, nt, D, sg.data(), nt);
+        kern.dots(t, D, nq, c, D, nt * K, D, sc.data(), nt * K);
+        for (idx_t i = 0; i < nq; ++i) {
+          float* dst = scores ? scores + (q0 + i) * P.N + n0 : row.data();
+          kern.text_epilogue(sg.data() + i * nt, sc.data() + i * nt * K, nt, K, P.alpha, P.inv_tau, dst);
+          if (heaps) heaps->push_row(q0 + i, dst, nt, n0);
+        }
+      } else if (scores) {
+        kern.dots(t, D, nq, pbuf.data(), D, nt, D, scores + q0 * P.N + n0, P.N);
+      } else {
+        kern.dots(t, D, nq, pbuf.data(), D, nt, D, sg.data(), nt);
+        for (idx_t i = 0; i < nq; ++i) heaps->push_row(q0 + i, sg.data() + i * nt, nt, n0);
+      }
+    }
+  }
+}
+
+struct Plan {
+  idx_t tile, ntiles, nsplit, qsplit;
+  idx_t n_begin(idx_t s, idx_t N) const { return std::min(N, (ntiles * s / nsplit) * tile); }
+  idx_t q_begin(idx_t s, idx_t Q) const {
+    // split queries on multiples of the micro-kernel's 6-query block where possible
+    const idx_t blocks = (Q + 5) / 6;
+    return std::min(Q, (blocks * s / qsplit) * 6);
+  }
+};
+
+Plan make_plan(const Problem& P) {
+  Plan plan;
+  plan.tile = tile_images(P.K, P.D);
+  plan.ntiles = (P.N + plan.tile - 1) / plan.tile;
+  const idx_t threads = std::max<idx_t>(1, at::get_num_threads());
+  plan.nsplit = std::min(threads, plan.ntiles);
+  plan.qsplit = std::max<idx_t>(1, std::min(threads / plan.nsplit, (P.Q + 5) / 6));
+  return plan;
+}
+
+Problem make_problem(const at::Tensor& Tf, const at::Tensor& G, const at::Tensor& C, double alpha, double tau,
+                     bool text) {
+  Problem P;
+  P.T = Tf.data_ptr<float>();
+  if (G.scalar_type() == at::kHalf) {
+    P.Gh = reinterpret_cast<const c10::Half*>(G.data_ptr<at::Half>());
+    P.Ch = reinterpret_cast<const c10::Half*>(C.data_ptr<at::Half>());
+  } else {
+    P.Gf = G.data_ptr<float>();
+    P.Cf = C.data_ptr<float>();
+  }
+  P.Q = Tf.size(0);
+  P.D = Tf.size(1);
+  P.N = G.size(0);
+  P.K = C.size(1);
+  P.alpha = static_cast<float>(alpha);
+  const double inv_tau = 1.0 / tau;
+  P.inv_tau = static_cast<float>(std::min<double>(inv_tau, std::numeric_limits<float>::max()));
+  P.text = text;
+  return P;
+}
+
+}  // namespace
+
+const char* cpu_isa() { return kernels().name; }
+
+void set_force_generic(bool force) { g_force_generic.store(force); }
+
+at::Tensor scores_cpu(const at::Tensor& T, const at::Tensor& G, const at::Tensor& C, double alpha, double tau,
+                      bool weights_is_text) {
+  const at::Tensor Tf = T.to(at::kFloat).contiguous();
+  const Problem P = make_problem(Tf, G, C, alpha, tau, weights_is_text);
+  const Kernels& kern = kernels();
+  const Plan plan = make_plan(P);
+  at::Tensor out = at::empty({P.Q, P.N}, T.options().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, plan.nsplit * plan.qsplit, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const idx_t ns = c / plan.qsplit, qs = c % plan.qsplit;
+      run_chunk(P, kern, plan.q_begin(qs, P.Q), plan.q_begin(qs + 1, P.Q), plan.n_begin(ns, P.N),
+                plan.n_begin(ns + 1, P.N), plan.tile, o, nullptr);
+    }
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> topk_cpu(const at::Tensor& T, const at::Tensor& G, const at::Tensor& C,
+                                            int64_t k, double alpha, double tau, bool weights_is_text) {
+  const at::Tensor Tf = T.to(at::kFloat).contiguous();
+  const Problem P = make_problem(Tf, G, C, alpha, tau, weights_is_text);
+  const Kernels& kern = kernels();
+  const Plan plan = make_plan(P);
+  std::vector<Heaps> heaps;
+  heaps.reserve(plan.nsplit);
+  for (idx_t s = 0; s < plan.nsplit; ++s) heaps.emplace_back(P.Q, k);
+  at::parallel_for(0, plan.nsplit * plan.qsplit, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const idx_t ns = c / plan.qsplit, qs = c % plan.qsplit;
+      run_chunk(P, kern, plan.q_begin(qs, P.Q), plan.q_begin(qs + 1, P.Q), plan.n_begin(ns, P.N),
+                plan.n_begin(ns + 1, P.N), plan.tile, nullptr, &heaps[ns]);
+    }
+  });
+
+  at::Tensor values = at::empty({P.Q, k}, T.options().dtype(at::kFloat));
+  at::Tensor indices = at::empty({P.Q, k}, T.options().dtype(at::kLong));
+  float* vo = values.data_ptr<float>();
+  int64_t* io = indices.data_ptr<int64_t>();
+  at::parallel_for(0, P.Q, 1, [&](int64_t begin, int64_t end) {
+    std::vector<std::pair<float, idx_t>> all;
+    for (int64_t q = begin; q < end; ++q) {
+      all.clear();
+      for (const Heaps& h : heaps)
+        for (idx_t i = 0; i < h.size[q]; ++i) all.emplace_back(h.val[q * k + i], h.idx[q * k + i]);
+      const idx_t take = std::min<idx_t>(k, static_cast<idx_t>(all.size()));
+      std::partial_sort(all.begin(), all.begin() + take, all.end(), [](const auto& a, const auto& b) {
+        return worse(b.first, b.second, a.first, a.second);
+      });
+      for (idx_t i = 0; i < take; ++i) {
+        vo[q * k + i] = all[i].first;
+        io[q * k + i] = all[i].second;
+      }
+    }
+  });
+  return {values, indices};
+}
+
+}  // namespace laclip
