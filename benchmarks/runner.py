@@ -1,0 +1,198 @@
+"""Run the benchmark suite, one subprocess per subject, then write the report (benchmarks.report).
+
+Each subject is a bench file: a pytest-benchmark file runs as `pytest FILE --benchmark-only --benchmark-json
+--junitxml` (the JUnit XML carries skip reasons); a script-style file (no test functions) runs as
+`python -m benchmarks.NAME --out JSON`. A subject that fails, times out or is missing is reported, never hidden;
+each finished case is also appended to raw/<name>.partial.jsonl (benchmarks.partial), so a timeout keeps them.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from benchmarks.params import QUICK_ENV
+from benchmarks.partial import PARTIAL_ENV
+
+REPO = Path(__file__).resolve().parent.parent
+RAW = "raw"
+RUNS_FILE = "runs.json"
+
+
+@dataclass(frozen=True)
+class Subject:
+    """One bench file and how to run it in full and quick mode."""
+
+    name: str
+    file: str  # path relative to the repository root (or absolute)
+    quick_select: str | None = None  # pytest -k expression used in quick mode (on top of BENCH_QUICK=1)
+    script_args: tuple[str, ...] = ()  # extra arguments for a script-style file
+    script_quick_args: tuple[str, ...] = ()
+    timeout_s: float = 600.0
+    quick_timeout_s: float = 90.0
+
+
+SUBJECTS: dict[str, Subject] = {s.name: s for s in [
+    Subject("machine", "benchmarks/bench_machine.py", timeout_s=180, quick_timeout_s=45),
+    Subject("towers", "benchmarks/bench_towers.py", timeout_s=900, quick_timeout_s=90),
+    Subject("kernel", "benchmarks/bench_laclip_kernel.py", quick_select="fp32 and top10 and Q1",
+            timeout_s=900, quick_timeout_s=100),
+    Subject("serve", "benchmarks/bench_serve.py", script_args=("--concurrency", "1", "4", "16", "64"),
+            script_quick_args=("--model", "tiny", "--concurrency", "1", "4", "16", "--requests", "32",
+                               "--gallery-size", "8"),
+            timeout_s=900, quick_timeout_s=80),
+]}
+
+
+@dataclass
+class RunConfig:
+    """Where to write, which subjects, quick or full, and the wall-clock budget of the whole suite."""
+
+    out: Path
+    quick: bool = False
+    only: list[str] = field(default_factory=lambda: list(SUBJECTS))
+    subjects: dict[str, Subject] = field(default_factory=lambda: dict(SUBJECTS))
+    budget_s: float | None = None  # None: 280 s quick, 1750 s full
+    python: str = sys.executable
+
+    def __post_init__(self) -> None:
+        unknown = [name for name in self.only if name not in self.subjects]
+        if unknown:
+            raise ValueError(f"unknown subject(s) {unknown}; choose from {sorted(self.subjects)}")
+        if self.budget_s is None:
+            self.budget_s = 280.0 if self.quick else 1750.0
+
+
+@dataclass
+class SubjectRun:
+    """What happened when one subject ran: status is ok | failed | timeout | missing."""
+
+    name: str
+    file: str
+    kind: str  # pytest | script | none
+    status: str
+    seconds: float = 0.0
+    returncode: int | None = None
+    command: list[str] = field(default_factory=list)
+    selection: str | None = None
+    json_path: str | None = None
+    junit_path: str | None = None
+    partial_path: str | None = None  # JSON lines written case by case (benchmarks.partial)
+    log_path: str | None = None
+    reason: str = ""
+
+
+def is_pytest_file(path: Path) -> bool:
+    """A bench file is pytest-style when it defines test functions; otherwise it is a script with main()."""
+    text = path.read_text(encoding="utf-8")
+    return "\ndef test_" in text or "\n    def test_" in text
+
+
+def subject_command(subject: Subject, path: Path, cfg: RunConfig, raw: Path) -> tuple[str, list[str], str | None]:
+    """(kind, argv, selection) for one subject; results go to raw/<name>.json (+ .xml for pytest)."""
+    out_json = raw / f"{subject.name}.json"
+    if is_pytest_file(path):
+        cmd = [cfg.python, "-m", "pytest", str(path), "--benchmark-only", f"--benchmark-json={out_json}",
+               f"--junitxml={raw / f'{subject.name}.xml'}", "-q", "-rs", "-p", "no:cacheprovider",
+               "-p", "benchmarks.partial", f"--rootdir={REPO}"]
+        selection = subject.quick_select if cfg.quick else None
+        if selection:
+            cmd += ["-k", selection]
+        return "pytest", cmd, selection
+    try:
+        module = ".".join(path.resolve().relative_to(REPO).with_suffix("").parts)
+        cmd = [cfg.python, "-m", module]
+    except ValueError:  # a file outside the repository runs by path
+        cmd = [cfg.python, str(path)]
+    args = subject.script_quick_args if cfg.quick else subject.script_args
+    return "script", [*cmd, *args, "--out", str(out_json)], " ".join(args) or None
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """Interrupt the subject's process group, then kill what remains (finished cases are in its partial file)."""
+    for sig, wait_s in ((signal.SIGINT, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def run_subject(subject: Subject, cfg: RunConfig, timeout_s: float) -> SubjectRun:
+    """Run one subject in its own process group with a time limit; never raises for a failing subject."""
+    path = Path(subject.file) if Path(subject.file).is_absolute() else REPO / subject.file
+    if not path.is_file():
+        return SubjectRun(subject.name, subject.file, "none", "missing", reason=f"{subject.file} not present")
+    raw = cfg.out / RAW
+    raw.mkdir(parents=True, exist_ok=True)
+    kind, cmd, selection = subject_command(subject, path, cfg, raw)
+    partial = raw / f"{subject.name}.partial.jsonl"
+    for stale in (raw / f"{subject.name}.json", raw / f"{subject.name}.xml", partial):
+        stale.unlink(missing_ok=True)
+    env = dict(os.environ)
+    env[PARTIAL_ENV] = str(partial)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    if cfg.quick:
+        env[QUICK_ENV] = "1"
+    else:
+        env.pop(QUICK_ENV, None)
+    log = raw / f"{subject.name}.log"
+    started = time.monotonic()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout_s)
+            status = "ok" if rc in (0, 5) else "failed"  # 5: pytest collected nothing (all deselected)
+            reason = "" if status == "ok" else f"exit status {rc}; see {log.name}"
+        except subprocess.TimeoutExpired:
+            _stop_group(proc)
+            rc, status = proc.returncode, "timeout"
+            kept = (raw / f"{subject.name}.json").is_file() or partial.is_file()
+            reason = f"stopped after its {timeout_s:.0f} s limit; " + (
+                "the figures it wrote are kept" if kept else "it was stopped before writing any figures")
+    run = SubjectRun(subject.name, subject.file, kind, status, round(time.monotonic() - started, 1), rc, cmd,
+                     selection, log_path=str(log), reason=reason)
+    if (raw / f"{subject.name}.json").is_file():
+        run.json_path = str(raw / f"{subject.name}.json")
+    if (raw / f"{subject.name}.xml").is_file():
+        run.junit_path = str(raw / f"{subject.name}.xml")
+    if partial.is_file():
+        run.partial_path = str(partial)
+    return run
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def run_suite(cfg: RunConfig, log=print) -> list[SubjectRun]:
+    """Run the chosen subjects in order within the suite's budget and record them in DIR/runs.json."""
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    started, load = _now(), [round(x, 2) for x in os.getloadavg()]
+    deadline = time.monotonic() + cfg.budget_s
+    runs = []
+    for name in cfg.only:
+        subject = cfg.subjects[name]
+        left = deadline - time.monotonic()
+        limit = min(subject.quick_timeout_s if cfg.quick else subject.timeout_s, left)
+        if limit < 5:
+            run = SubjectRun(name, subject.file, "none", "timeout", reason="suite time budget spent before it ran")
+        else:
+            log(f"[benchmarks] {name}: running {subject.file} (limit {limit:.0f} s)")
+            run = run_subject(subject, cfg, limit)
+        log(f"[benchmarks] {name}: {run.status} in {run.seconds:.0f} s{' (' + run.reason + ')' if run.reason else ''}")
+        runs.append(run)
+    (cfg.out / RUNS_FILE).write_text(json.dumps({"quick": cfg.quick, "started": started, "finished": _now(),
+                                                 "load_average_at_start": load,
+                                                 "subjects": [asdict(r) for r in runs]}, indent=1))
+    return runs
