@@ -72,6 +72,17 @@ class Retriever:
         return cls(encoder, ModelIdentity(model, loaded.checkpoint_hash, path), laclip=laclip, **options)
 
     @classmethod
+    def from_export(cls, directory: str | Path, backend: str = "onnxruntime", device: str = "cpu",
+                    laclip: LaclipConfig | None = None, *, model: str | None = None,
+                    backend_options: dict | None = None, **options) -> "Retriever":
+        """Serve the towers of a `python -m export` directory (onnxruntime or tensorrt), same API and index identity."""
+        from export.serving import open_encoder
+
+        encoder, manifest = open_encoder(directory, backend, device, model, **(backend_options or {}))
+        options.setdefault("context_length", manifest.context_length)
+        return cls(encoder, ModelIdentity(manifest.model, manifest.checkpoint_hash, None), laclip=laclip, **options)
+
+    @classmethod
     def load(cls, directory: str | Path, checkpoint: str | Path | None = None, device: str = "cpu",
              **options) -> "Retriever":
         """Open a saved index with the model and LACLIP settings it records (checkpoint overrides the path)."""

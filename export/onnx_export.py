@@ -1,0 +1,142 @@
+"""Export the two towers to ONNX (opset 18, dynamic batch and text length), then convert to fp16 or int8.
+
+fp16 keeps LayerNormalization (statistics and affine) in fp32 with fp32 graph inputs/outputs; int8 is ONNX
+Runtime dynamic quantisation of the MatMul weights (per channel), meant for CPU serving.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from engine.errors import InputError
+
+from .wrappers import TEXT_INPUT, TEXT_OUTPUT, VISION_INPUT, VISION_OUTPUT, TextTower, VisionTower
+
+OPSET = 18
+Precision = Literal["fp32", "fp16", "int8"]
+PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
+EXTERNAL_DATA_BYTES = 1_500_000_000  # towers above this keep weights in a side file (protobuf's 2 GB limit)
+# Ops whose fp16 versions lose the accuracy that matters (Chinese-CLIP issue 165): kept in fp32.
+FP16_BLOCK_LIST = ["LayerNormalization", "ReduceMean", "Pow", "Sqrt", "Erf", "Softmax", "Range", "Equal"]
+
+
+@dataclass(frozen=True)
+class TowerFiles:
+    """Paths of one export's two ONNX files."""
+
+    vision: Path
+    text: Path
+
+    def items(self) -> list[tuple[str, Path]]:
+        return [("vision", self.vision), ("text", self.text)]
+
+
+def _param_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def _export(module: torch.nn.Module, example: torch.Tensor, path: Path, input_name: str, output_name: str,
+            dynamic: dict[int, torch.export.Dim]) -> None:
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(module.eval(), (example,), input_names=[input_name], output_names=[output_name],
+                                    opset_version=OPSET, dynamo=True, dynamic_shapes=(dynamic,), verbose=False,
+                                    optimize=True)
+    program.save(str(path), external_data=_param_bytes(module) > EXTERNAL_DATA_BYTES)
+
+
+def export_fp32(clip: torch.nn.Module, input_resolution: int, max_sequence: int, files: TowerFiles) -> TowerFiles:
+    """Write fp32 vision and text ONNX files to `files`; batch is dynamic, and text length is 2..max_sequence."""
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    seq = torch.export.Dim("sequence", min=2, max=max_sequence)
+    vision, text = files.vision, files.text
+    pixels = torch.randn(2, 3, input_resolution, input_resolution)
+    _export(VisionTower(clip), pixels, vision, VISION_INPUT, VISION_OUTPUT, {0: batch})
+    ids = torch.randint(1, 1000, (2, min(8, max_sequence)))
+    _export(TextTower(clip), ids, text, TEXT_INPUT, TEXT_OUTPUT, {0: batch, 1: seq})
+    return TowerFiles(vision, text)
+
+
+def convert_fp16(src: Path, dst: Path) -> None:
+    """fp16 weights and compute; LayerNorm, softmax and the mask kept in fp32; fp32 inputs and outputs."""
+    import onnx
+    from onnxconverter_common import float16
+
+    model = onnx.load(str(src))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        half = float16.convert_float_to_float16(
+            model, keep_io_types=True, disable_shape_infer=True,
+            op_block_list=list(float16.DEFAULT_OP_BLOCK_LIST) + FP16_BLOCK_LIST)
+    _retype_casts(half)
+    _save(half, dst)
+
+
+def _retype_casts(model) -> None:
+    """onnxconverter-common marks a Cast-to-fp32's output fp16 but keeps to=FLOAT (e.g. the text mask): align them."""
+    from onnx import TensorProto
+
+    half = {v.name for v in model.graph.value_info if v.type.tensor_type.elem_type == TensorProto.FLOAT16}
+    for node in model.graph.node:
+        if node.op_type == "Cast" and node.output[0] in half:
+            for attr in node.attribute:
+                if attr.name == "to" and attr.i == TensorProto.FLOAT:
+                    attr.i = TensorProto.FLOAT16
+
+
+def quantize_int8(src: Path, dst: Path) -> None:
+    """Dynamic int8 quantisation of MatMul/Gemm weights (per channel, uint8 activations), for CPU serving."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # it advises pre-processing on every call; parity is what we check
+    try:
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
+                         op_types_to_quantize=["MatMul", "Gemm"],
+                         use_external_data_format=os.path.getsize(src) > EXTERNAL_DATA_BYTES,
+                         extra_options={"MatMulConstBOnly": True})
+    finally:
+        root.setLevel(level)
+
+
+def _save(model, dst: Path) -> None:
+    import onnx
+
+    large = model.ByteSize() > EXTERNAL_DATA_BYTES
+    onnx.save(model, str(dst), save_as_external_data=large, location=dst.name + ".data" if large else None)
+
+
+def stamp_metadata(path: Path, metadata: dict[str, str]) -> None:
+    """Record `metadata` (model name, checkpoint hash, precision, tower) in the ONNX file's metadata_props."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    del model.metadata_props[:]
+    for key, value in metadata.items():
+        model.metadata_props.add(key=key, value=str(value))
+    onnx.save(model, str(path))
+
+
+def build_towers(clip: torch.nn.Module, input_resolution: int, max_sequence: int, precision: str,
+                 out_dir: Path) -> TowerFiles:
+    """Write both towers at `precision` to `out_dir`/vision.onnx and text.onnx (fp32 intermediates in a temp dir)."""
+    if precision not in PRECISIONS:
+        raise InputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    final = TowerFiles(out_dir / "vision.onnx", out_dir / "text.onnx")
+    if precision == "fp32":
+        return export_fp32(clip, input_resolution, max_sequence, final)
+    convert = convert_fp16 if precision == "fp16" else quantize_int8
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        fp32 = export_fp32(clip, input_resolution, max_sequence,
+                           TowerFiles(Path(tmp) / "vision.onnx", Path(tmp) / "text.onnx"))
+        for (_, src), (_, dst) in zip(fp32.items(), final.items()):
+            convert(src, dst)
+    return final
