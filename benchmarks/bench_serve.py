@@ -14,9 +14,6 @@ import asyncio
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,6 +23,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 from PIL import Image
+
+from engine.serve.launcher import ServerProcess
 
 REPO = Path(__file__).resolve().parents[1]
 QUERY_STEMS = ["一只橘猫在窗台上晒太阳", "敦煌壁画中的飞天", "蓝色丝绸上的牡丹花纹", "山水之间的古寺", "床前明月光",
@@ -46,12 +45,6 @@ class Point:
     mean_batch: float
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def make_gallery(folder: Path, n: int) -> None:
     rng = np.random.default_rng(0)
     folder.mkdir(parents=True, exist_ok=True)
@@ -61,33 +54,11 @@ def make_gallery(folder: Path, n: int) -> None:
         Image.fromarray(pixels).resize((w, h), Image.BICUBIC).save(folder / f"{i}.png")
 
 
-class ServerProcess:
-    """`python -m engine.serve` on a free loopback port."""
+class BenchServer(ServerProcess):
+    """A benchmark server with its tower thread count pinned, plus batch-size statistics from /metrics."""
 
     def __init__(self, args: list[str], log: Path, threads: int | None) -> None:
-        self.url = f"http://127.0.0.1:{free_port()}"
-        env = dict(os.environ)
-        if threads:
-            env["OMP_NUM_THREADS"] = str(threads)
-        self.log = log
-        with open(log, "wb") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "engine.serve", "--port", self.url.rsplit(":", 1)[1],
-                                          "--log-level", "warning", *args], cwd=REPO, stdout=out,
-                                         stderr=subprocess.STDOUT, env=env)
-
-    def wait_ready(self, timeout: float) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited ({self.proc.returncode}):\n{self.log.read_text()[-3000:]}")
-            try:
-                r = httpx.get(f"{self.url}/readyz", timeout=5)
-                if r.status_code == 200:
-                    return r.json()
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"server not ready after {timeout} s:\n{self.log.read_text()[-3000:]}")
+        super().__init__(args, log, env={"OMP_NUM_THREADS": str(threads)} if threads else None, cwd=REPO)
 
     def batch_stats(self) -> tuple[float, float]:
         """(sum, count) of the text tower's batch-size histogram."""
@@ -98,14 +69,6 @@ class ServerProcess:
                 if line.startswith(f'cnclip_batch_size_{key}{{tower="text"}}'):
                     values[key] = float(line.split()[-1])
         return values.get("sum", 0.0), values.get("count", 0.0)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
 
 
 async def closed_loop(url: str, clients: int, total: int, k: int) -> tuple[float, list[float]]:
@@ -186,14 +149,14 @@ def main(argv: list[str] | None = None) -> int:
     common = ["--model", args.model, "--random-weights", "--crops", "0", "--max-queue", "4096",
               "--request-timeout-s", "600", "--max-delay-ms", str(args.max_delay_ms)]
     t0 = time.monotonic()
-    dynamic = ServerProcess([*common, "--gallery", str(gallery), "--index", str(index),
+    dynamic = BenchServer([*common, "--gallery", str(gallery), "--index", str(index),
                              "--max-batch-size", str(args.max_batch_size)], work / "dynamic.log", args.threads)
     servers: dict[str, ServerProcess] = {}
     try:
         dynamic.wait_ready(1800)
         print(f"indexed {args.gallery_size} images and loaded in {time.monotonic() - t0:.0f} s", file=sys.stderr)
         servers[f"dynamic (max {args.max_batch_size})"] = dynamic
-        servers["max-batch-1"] = ServerProcess([*common, "--index", str(index), "--max-batch-size", "1"],
+        servers["max-batch-1"] = BenchServer([*common, "--index", str(index), "--max-batch-size", "1"],
                                                work / "batch1.log", args.threads)
         servers["max-batch-1"].wait_ready(600)
         for server in servers.values():  # warm-up: first calls allocate

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +20,7 @@ import pytest
 from conftest import SAMPLE_TEXTS, image_bytes, make_image
 from engine import LaclipConfig, Retriever
 from engine.index import Index
+from engine.serve.launcher import ServerProcess
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -34,47 +33,11 @@ MAX_PIXELS = 4_000_000
 GRACEFUL = (0, -signal.SIGTERM)  # uvicorn re-raises SIGTERM after its graceful shutdown
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """One `python -m engine.serve` subprocess with its log file."""
+class Server(ServerProcess):
+    """A test server: one OMP thread, no inherited API key, started from the repository root."""
 
     def __init__(self, args: list[str], log: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-        env.pop("CNCLIP_API_KEY", None)
-        with open(log, "ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "engine.serve", "--port", str(self.port),
-                                          "--log-level", "warning", *args],
-                                         cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env)
-
-    def wait_ready(self, timeout: float = 90.0) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()}")
-            try:
-                r = httpx.get(f"{self.url}/readyz", timeout=2)
-                if r.status_code == 200:
-                    return r.json()
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError(f"server not ready in {timeout} s:\n{self.log.read_text()}")
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None and httpx.get(f"{self.url}/healthz", timeout=5).status_code == 200
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        return self.proc.wait(timeout)
+        super().__init__(args, log, env={"OMP_NUM_THREADS": "1", "CNCLIP_API_KEY": None}, cwd=REPO)
 
 
 @pytest.fixture(scope="module")
