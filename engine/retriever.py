@@ -176,10 +176,7 @@ class Retriever:
     def add_images(self, images: Sequence[ImageInput], ids: Sequence[Id] | None = None) -> list[Id]:
         """Encode and index images; ids default to file stems for paths and counters otherwise."""
         images = _as_list(images, None)
-        ids = check_ids(ids if ids is not None else self._default_ids(images, self.index.image_ids, stems=True),
-                        self.index.image_ids)
-        if len(ids) != len(images):
-            raise InputError(f"{len(ids)} ids given for {len(images)} images")
+        ids = self._new_ids(images, ids, self.index.image_ids, "images")
         emb = self.encode_image_views(images)
         pooled = None
         if self.laclip is not None:
@@ -190,27 +187,21 @@ class Retriever:
     def add_texts(self, texts: Sequence[str], ids: Sequence[Id] | None = None) -> list[Id]:
         """Encode and index texts; ids default to counters."""
         texts = _as_list(texts, str)
-        ids = check_ids(ids if ids is not None else self._default_ids(texts, self.index.text_ids, stems=False),
-                        self.index.text_ids)
-        if len(ids) != len(texts):
-            raise InputError(f"{len(ids)} ids given for {len(texts)} texts")
+        ids = self._new_ids(texts, ids, self.index.text_ids, "texts")
         self.index.add_texts(ids, self.encode_texts(texts))
         return ids
 
     @staticmethod
-    def _default_ids(items: Sequence, existing: Sequence[Id], stems: bool) -> list[Id]:
-        """File stems for paths (when `stems`), else integers counting on from the largest int id."""
-        counter = 1 + max([i for i in existing if isinstance(i, int)], default=-1)
-        out: list[Id] = []
-        for item in items:
-            if stems and isinstance(item, (str, Path)):
-                out.append(Path(item).stem)
-            else:
-                out.append(counter)
-                counter += 1
-        return out
+    def _new_ids(items: Sequence, given: Sequence[Id] | None, existing: Sequence[Id], what: str) -> list[Id]:
+        """Validated ids for new items: `given`, or defaults (image file stems, else counters)."""
+        ids = check_ids(given if given is not None else _default_ids(items, existing, stems=what == "images"),
+                        existing)
+        if len(ids) != len(items):
+            raise InputError(f"{len(ids)} ids given for {len(items)} {what}")
+        return ids
 
     # ---- search ---------------------------------------------------------------------------------------------
+
 
     def search_images(self, query: str | Sequence[str], k: int = 10) -> list[Hit] | list[list[Hit]]:
         """Text -> image. A str gives its hits; a list of str gives one list of hits per query."""
@@ -242,6 +233,19 @@ class Retriever:
             raise InputError(f"the index holds no {what}; add some first")
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= size:
             raise InputError(f"k must be an int in 1..{size} (indexed {what}), got {k!r}")
+
+
+def _default_ids(items: Sequence, existing: Sequence[Id], stems: bool) -> list[Id]:
+    """File stems for paths (when `stems`), else integers counting on from the largest int id."""
+    counter = 1 + max([i for i in existing if isinstance(i, int)], default=-1)
+    out: list[Id] = []
+    for item in items:
+        if stems and isinstance(item, (str, Path)):
+            out.append(Path(item).stem)
+        else:
+            out.append(counter)
+            counter += 1
+    return out
 
 
 def _crop_settings(config: LaclipConfig | None) -> tuple | None:
