@@ -227,13 +227,16 @@ class LoadedModel:
     checkpoint_hash: str
 
 
-def load_model(checkpoint: str | Path | None, model: str = "ViT-B-16") -> LoadedModel:
+def load_model(checkpoint: str | Path | None, model: str = "ViT-B-16", random_weights: bool = False) -> LoadedModel:
     """Build `model` and load `checkpoint` (cn_clip format); with no path, the official cached weights.
 
-    `tiny` with no path gets deterministic random weights, so the whole engine runs offline.
+    `tiny` with no path, or any model with `random_weights` (benchmarks and trials only), gets deterministic
+    random weights, so the whole engine runs offline.
     """
     spec = get_spec(model)
-    if checkpoint is None and spec.filename is None:
+    if random_weights and checkpoint is not None:
+        raise InputError(f"random_weights excludes a checkpoint (got {checkpoint})")
+    if random_weights or (checkpoint is None and spec.filename is None):
         return LoadedModel(spec, build_random_model(spec), f"random-seed-{TINY_SEED}")
     path = Path(checkpoint) if checkpoint is not None else official_checkpoint_path(spec)
     state = read_state_dict(path)

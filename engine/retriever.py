@@ -64,9 +64,12 @@ class Retriever:
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path | None = None, model: str = "ViT-B-16", device: str = "cpu",
-                        laclip: LaclipConfig | None = None, precision: str = "fp32", **options) -> "Retriever":
-        """Load cn_clip weights (a path, or the official file for `model` when None) into the torch backend."""
-        loaded = load_model(checkpoint, model)
+                        laclip: LaclipConfig | None = None, precision: str = "fp32", *, random_weights: bool = False,
+                        **options) -> "Retriever":
+        """Load cn_clip weights (a path, or the official file for `model` when None) into the torch backend.
+
+        `random_weights=True` builds seeded random weights for any model (benchmarks and trials only)."""
+        loaded = load_model(checkpoint, model, random_weights)
         encoder = TorchEncoder(loaded.model, loaded.spec.input_resolution, device=device, precision=precision)
         path = str(Path(checkpoint).resolve()) if checkpoint is not None else None
         return cls(encoder, ModelIdentity(model, loaded.checkpoint_hash, path), laclip=laclip, **options)
@@ -207,32 +210,33 @@ class Retriever:
         """Text -> image. A str gives its hits; a list of str gives one list of hits per query."""
         single = isinstance(query, str)
         queries = [query] if single else _as_list(query, str)
-        self._check_k(k, len(self.index.image_ids), "images")
+        check_k(k, len(self.index.image_ids), "images")
         t = self.encode_texts(queries)
         idx = self.index
         values, indices = scoring.topk_images(
             t, idx.array("image_global"), idx.array("image_crops") if idx.has_crops else None,
             idx.array("image_pooled") if idx.has_crops else None, self.laclip, k)
-        hits = _hits(values, indices, idx.image_ids)
+        hits = to_hits(values, indices, idx.image_ids)
         return hits[0] if single else hits
 
     def search_texts(self, image: ImageInput | Sequence[ImageInput], k: int = 10) -> list[Hit] | list[list[Hit]]:
         """Image -> text. One image gives its hits; a list of images gives one list of hits per image."""
         single = not isinstance(image, (list, tuple))
         images = [image] if single else list(image)
-        self._check_k(k, len(self.index.text_ids), "texts")
+        check_k(k, len(self.index.text_ids), "texts")
         emb = self.encode_image_views(images)
         scores = scoring.score_texts(self.index.array("text_emb"), emb.global_, emb.crops, self.laclip)
         values, indices = scoring.topk_rows(scores, k)
-        hits = _hits(values, indices, self.index.text_ids)
+        hits = to_hits(values, indices, self.index.text_ids)
         return hits[0] if single else hits
 
-    @staticmethod
-    def _check_k(k: int, size: int, what: str) -> None:
-        if size == 0:
-            raise InputError(f"the index holds no {what}; add some first")
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= size:
-            raise InputError(f"k must be an int in 1..{size} (indexed {what}), got {k!r}")
+
+def check_k(k: int, size: int, what: str) -> None:
+    """k must be an int in 1..size (the number of indexed `what`)."""
+    if size == 0:
+        raise InputError(f"the index holds no {what}; add some first")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= size:
+        raise InputError(f"k must be an int in 1..{size} (indexed {what}), got {k!r}")
 
 
 def _default_ids(items: Sequence, existing: Sequence[Id], stems: bool) -> list[Id]:
@@ -252,7 +256,8 @@ def _crop_settings(config: LaclipConfig | None) -> tuple | None:
     return config.crop_settings() if config is not None else None
 
 
-def _hits(values: np.ndarray, indices: np.ndarray, ids: Sequence[Id]) -> list[list[Hit]]:
+def to_hits(values: np.ndarray, indices: np.ndarray, ids: Sequence[Id]) -> list[list[Hit]]:
+    """Top-k (values, indices) rows as lists of Hit(id, score)."""
     return [[Hit(ids[int(i)], float(v)) for v, i in zip(vrow, irow)] for vrow, irow in zip(values, indices)]
 
 

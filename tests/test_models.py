@@ -141,3 +141,10 @@ def test_tiny_without_checkpoint_is_deterministic():
     a, b = load_model(None, "tiny"), load_model(None, "tiny")
     assert torch.equal(_outputs(a.model), _outputs(b.model))
     assert a.checkpoint_hash == "random-seed-0"
+
+
+def test_random_weights_for_an_official_structure(tiny_checkpoint):
+    loaded = load_model(None, "RN50", random_weights=True)
+    assert loaded.checkpoint_hash == "random-seed-0" and loaded.spec.name == "RN50"
+    with pytest.raises(InputError, match="random_weights excludes a checkpoint"):
+        load_model(tiny_checkpoint, "tiny", random_weights=True)

@@ -20,18 +20,15 @@ import torch
 from PIL import Image
 
 from .. import scoring
-from ..backends import TorchEncoder
 from ..batcher import Batcher, BatcherConfig
 from ..errors import EngineError, InputError
 from ..gallery import list_images, read_texts_jsonl
 from ..index import Id, Index, check_ids, topk_rows
 from ..laclip import LaclipConfig
-from ..models import build_random_model, get_spec
 from ..preprocess import DEFAULT_CONTEXT_LENGTH, DEFAULT_MAX_PIXELS, load_image
-from ..retriever import Hit, ModelIdentity, Retriever
+from ..retriever import Hit, Retriever, check_k, to_hits
 
 log = logging.getLogger("engine.serve")
-RANDOM_WEIGHTS_SEED = 0
 
 
 @dataclass(frozen=True)
@@ -93,12 +90,8 @@ def build_retriever(config: ServeConfig, laclip: LaclipConfig | None,
                    max_pixels=config.max_pixels)
     if config.export_dir is not None:
         return Retriever.from_export(config.export_dir, config.backend, config.device, model=config.model, **options)
-    if not config.random_weights:
-        return Retriever.from_checkpoint(config.checkpoint, model=config.model, device=config.device, **options)
-    spec = get_spec(config.model)
-    encoder = TorchEncoder(build_random_model(spec, seed=RANDOM_WEIGHTS_SEED), spec.input_resolution,
-                           device=config.device)
-    return Retriever(encoder, ModelIdentity(config.model, f"random-seed-{RANDOM_WEIGHTS_SEED}"), **options)
+    return Retriever.from_checkpoint(config.checkpoint, model=config.model, device=config.device,
+                                     random_weights=config.random_weights, **options)
 
 
 def load_retriever(config: ServeConfig) -> Retriever:
@@ -241,7 +234,7 @@ class ServerCore:
         """Text -> image: one list of hits per query, best first."""
         retriever = self._require_ready()
         view = self.view
-        Retriever._check_k(k, len(view.image_ids), "images")
+        check_k(k, len(view.image_ids), "images")
         encoded = await self._encode_texts(queries)
         hits = await self._in_pool(self._score_images, view, np.stack(encoded.values), k, retriever.laclip)
         return TextResult(hits, encoded.truncated)
@@ -249,13 +242,13 @@ class ServerCore:
     @staticmethod
     def _score_images(view: IndexView, t: np.ndarray, k: int, laclip: LaclipConfig | None) -> list[list[Hit]]:
         values, indices = scoring.topk_images(t, view.image_global, view.image_crops, view.image_pooled, laclip, k)
-        return _hits(values, indices, view.image_ids)
+        return to_hits(values, indices, view.image_ids)
 
     async def search_texts(self, image: bytes, k: int) -> list[Hit]:
         """Image -> text: the hits for one encoded image file, best first."""
         retriever = self._require_ready()
         view = self.view
-        Retriever._check_k(k, len(view.text_ids), "texts")
+        check_k(k, len(view.text_ids), "texts")
         emb = await self._image_embeddings(image)
         return await self._in_pool(self._score_texts, view, emb, k, retriever.laclip)
 
@@ -264,7 +257,7 @@ class ServerCore:
         crops = emb[None, 1:] if laclip is not None else None
         scores = scoring.score_texts(view.text_emb, emb[None, 0], crops, laclip)
         values, indices = topk_rows(scores, k)
-        return _hits(values, indices, view.text_ids)[0]
+        return to_hits(values, indices, view.text_ids)[0]
 
     # ---- index mutation -------------------------------------------------------------------------------------
 
@@ -315,6 +308,3 @@ class ServerCore:
     def persistent(self) -> bool:
         return self.config.index_dir is not None
 
-
-def _hits(values: np.ndarray, indices: np.ndarray, ids: Sequence[Id]) -> list[list[Hit]]:
-    return [[Hit(ids[int(i)], float(v)) for v, i in zip(vrow, irow)] for vrow, irow in zip(values, indices)]
