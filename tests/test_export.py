@@ -16,7 +16,7 @@ import torch
 
 from conftest import SAMPLE_TEXTS
 from engine import CheckpointError, IndexFormatError, InputError, LaclipConfig, Retriever
-from engine.backends.onnx_backend import trim_padding
+from engine.backends.base import trim_padding
 from engine.index import Index
 from engine.models import file_sha256, load_model
 from engine.preprocess import Tokenizer

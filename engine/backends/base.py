@@ -27,3 +27,16 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     norms = np.linalg.norm(x, axis=-1, keepdims=True)
     return x / np.maximum(norms, np.finfo(np.float32).tiny)
+
+
+def trim_padding(token_ids: np.ndarray, pad_id: int = 0, min_length: int = 2) -> np.ndarray:
+    """Drop trailing all-pad columns, so a short query does not pay for a full context of padding.
+
+    Padding keys are masked out of attention, so the embeddings do not change; every backend trims this way.
+    """
+    used = np.flatnonzero((token_ids != pad_id).any(axis=0))
+    length = int(used[-1]) + 1 if used.size else 1
+    if length < min_length:  # e.g. an exported text graph takes at least `min_length` tokens
+        pad = np.full((token_ids.shape[0], min_length - length), pad_id, dtype=token_ids.dtype)
+        return np.concatenate([token_ids[:, :length], pad], axis=1)
+    return token_ids[:, :length]

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError, InputError
-from .base import l2_normalize
+from .base import l2_normalize, trim_padding
 
 _LEVELS = ("disabled", "basic", "extended", "all")
 
@@ -65,16 +65,6 @@ def open_session(path: Path, providers: list[str], settings: OrtSettings,
             raise CheckpointError(f"ONNX file {path} records {key}={found.get(key)!r}, "
                                   f"but the export manifest says {value!r}")
     return session
-
-
-def trim_padding(token_ids: np.ndarray, pad_id: int = 0, min_length: int = 2) -> np.ndarray:
-    """Drop trailing all-pad columns, so a short query does not pay for a full context of padding."""
-    used = np.flatnonzero((token_ids != pad_id).any(axis=0))
-    length = int(used[-1]) + 1 if used.size else 1
-    if length < min_length:  # the exported text graph takes at least `min_length` tokens
-        pad = np.full((token_ids.shape[0], min_length - length), pad_id, dtype=token_ids.dtype)
-        return np.concatenate([token_ids[:, :length], pad], axis=1)
-    return token_ids[:, :length]
 
 
 class OnnxEncoder:

@@ -7,8 +7,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError, EngineError, InputError
-from .base import l2_normalize
-from .onnx_backend import trim_padding
+from .base import l2_normalize, trim_padding
 
 
 def import_tensorrt():

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from .base import l2_normalize
+from .base import l2_normalize, trim_padding
 
 Precision = Literal["fp32", "fp16", "bf16"]
 _AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -45,10 +45,8 @@ class TorchEncoder:
 
     @torch.inference_mode()
     def encode_texts(self, token_ids: torch.Tensor) -> np.ndarray:
-        ids = token_ids.to(self.device, non_blocking=True)
-        used = ids.ne(self.pad_id).any(0).nonzero()
-        if len(used):  # trailing all-padding columns are masked keys that change nothing; the cost scales with L
-            ids = ids[:, : int(used.max()) + 1]
+        trimmed = trim_padding(token_ids.cpu().numpy(), self.pad_id, min_length=1)
+        ids = torch.from_numpy(trimmed).to(self.device, non_blocking=True)
         attention = ids.ne(self.pad_id).float()
         with self._autocast():
             hidden = self.model.bert(ids, attention_mask=attention)[0]
