@@ -1,4 +1,7 @@
-"""Export the two towers to ONNX (opset 18, dynamic batch and text length), then convert to fp16 or int8.
+"""Export the two towers to ONNX (dynamic batch and text length), then convert to fp16 or int8.
+
+The opset depends on who runs the files: ONNX Runtime gets opset 23, where attention is one `Attention` node;
+TensorRT gets opset 18, where attention stays MatMul/Softmax/MatMul, the pattern its builder fuses.
 
 fp16 keeps LayerNormalization (statistics and affine) in fp32 with fp32 graph inputs/outputs; int8 is ONNX
 Runtime dynamic quantisation of the MatMul weights (per channel), meant for CPU serving.
@@ -19,7 +22,8 @@ from engine.errors import InputError
 
 from .wrappers import TEXT_INPUT, TEXT_OUTPUT, VISION_INPUT, VISION_OUTPUT, TextTower, VisionTower
 
-OPSET = 18
+ONNXRUNTIME_OPSET = 23
+TENSORRT_OPSET = 18
 Precision = Literal["fp32", "fp16", "int8"]
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
 EXTERNAL_DATA_BYTES = 1_500_000_000  # towers above this keep weights in a side file (protobuf's 2 GB limit)
@@ -43,24 +47,25 @@ def _param_bytes(module: torch.nn.Module) -> int:
 
 
 def _export(module: torch.nn.Module, example: torch.Tensor, path: Path, input_name: str, output_name: str,
-            dynamic: dict[int, torch.export.Dim]) -> None:
+            dynamic: dict[int, torch.export.Dim], opset: int) -> None:
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(module.eval(), (example,), input_names=[input_name], output_names=[output_name],
-                                    opset_version=OPSET, dynamo=True, dynamic_shapes=(dynamic,), verbose=False,
+                                    opset_version=opset, dynamo=True, dynamic_shapes=(dynamic,), verbose=False,
                                     optimize=True)
     program.save(str(path), external_data=_param_bytes(module) > EXTERNAL_DATA_BYTES)
 
 
-def export_fp32(clip: torch.nn.Module, input_resolution: int, max_sequence: int, files: TowerFiles) -> TowerFiles:
+def export_fp32(clip: torch.nn.Module, input_resolution: int, max_sequence: int, files: TowerFiles,
+                opset: int = ONNXRUNTIME_OPSET) -> TowerFiles:
     """Write fp32 vision and text ONNX files to `files`; batch is dynamic, and text length is 2..max_sequence."""
     batch = torch.export.Dim("batch", min=1, max=4096)
     seq = torch.export.Dim("sequence", min=2, max=max_sequence)
     vision, text = files.vision, files.text
     pixels = torch.randn(2, 3, input_resolution, input_resolution)
-    _export(VisionTower(clip), pixels, vision, VISION_INPUT, VISION_OUTPUT, {0: batch})
+    _export(VisionTower(clip), pixels, vision, VISION_INPUT, VISION_OUTPUT, {0: batch}, opset)
     ids = torch.randint(1, 1000, (2, min(8, max_sequence)))
-    _export(TextTower(clip), ids, text, TEXT_INPUT, TEXT_OUTPUT, {0: batch, 1: seq})
+    _export(TextTower(clip), ids, text, TEXT_INPUT, TEXT_OUTPUT, {0: batch, 1: seq}, opset)
     return TowerFiles(vision, text)
 
 
@@ -126,17 +131,17 @@ def stamp_metadata(path: Path, metadata: dict[str, str]) -> None:
 
 
 def build_towers(clip: torch.nn.Module, input_resolution: int, max_sequence: int, precision: str,
-                 out_dir: Path) -> TowerFiles:
+                 out_dir: Path, opset: int = ONNXRUNTIME_OPSET) -> TowerFiles:
     """Write both towers at `precision` to `out_dir`/vision.onnx and text.onnx (fp32 intermediates in a temp dir)."""
     if precision not in PRECISIONS:
         raise InputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     final = TowerFiles(out_dir / "vision.onnx", out_dir / "text.onnx")
     if precision == "fp32":
-        return export_fp32(clip, input_resolution, max_sequence, final)
+        return export_fp32(clip, input_resolution, max_sequence, final, opset)
     convert = convert_fp16 if precision == "fp16" else quantize_int8
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         fp32 = export_fp32(clip, input_resolution, max_sequence,
-                           TowerFiles(Path(tmp) / "vision.onnx", Path(tmp) / "text.onnx"))
+                           TowerFiles(Path(tmp) / "vision.onnx", Path(tmp) / "text.onnx"), opset)
         for (_, src), (_, dst) in zip(fp32.items(), final.items()):
             convert(src, dst)
     return final

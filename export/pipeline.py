@@ -12,7 +12,7 @@ from engine.models import load_model
 from engine.preprocess import DEFAULT_CONTEXT_LENGTH
 
 from .manifest import MANIFEST_NAME, ExportManifest, TowerEntry
-from .onnx_export import OPSET, PRECISIONS, build_towers, stamp_metadata
+from .onnx_export import ONNXRUNTIME_OPSET, PRECISIONS, TENSORRT_OPSET, build_towers, stamp_metadata
 from .parity import (THRESHOLDS, ParityInputs, check, generated_pixels, generated_token_ids, measure, user_pixels,
                      user_token_ids)
 from .serving import open_encoder
@@ -68,9 +68,11 @@ def export_model(model: str, out: str | Path, checkpoint: str | Path | None = No
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.staging-"))
     try:
-        files = build_towers(loaded.model, resolution, config["text_max_position_embeddings"], precision, staging)
+        opset = ONNXRUNTIME_OPSET if fmt == "onnx" else TENSORRT_OPSET
+        files = build_towers(loaded.model, resolution, config["text_max_position_embeddings"], precision, staging,
+                             opset)
         manifest = ExportManifest(
-            model=model, checkpoint_hash=loaded.checkpoint_hash, precision=precision, opset=OPSET,
+            model=model, checkpoint_hash=loaded.checkpoint_hash, precision=precision, opset=opset,
             embed_dim=int(config["embed_dim"]), input_resolution=resolution, context_length=context_length,
             vision=TowerEntry(files.vision.name, VISION_INPUT, VISION_OUTPUT, ["batch", 3, resolution, resolution],
                               "float32"),

@@ -1,16 +1,75 @@
-"""The two cn_clip towers as small export modules with named inputs and outputs.
+"""The two cn_clip towers restated for export: same parameters, same maths, a graph ONNX Runtime runs fast.
 
-Outputs are the raw projected embeddings, exactly cn_clip's `encode_image` / `encode_text` (not L2-normalised):
-the ONNX files stay drop-in compatible with cn_clip code, and backends normalise in fp32 afterwards.
+cn_clip's eager forward is sequence-first (`nn.MultiheadAttention`) and spells attention out op by op; traced as
+is, it exports as ~20 Reshape/Transpose/Gather/MatMul nodes per layer. Here each transformer layer is written
+batch-first over 2-D token matrices (so every linear layer is one Gemm with its bias fused) with
+`scaled_dot_product_attention`, which exports as one ONNX `Attention` node at opset >= 23 and as
+MatMul/Softmax/MatMul below it (the form TensorRT fuses itself). The last layer runs its query, output projection
+and MLP for the first token only: the towers return that token's embedding, so the other rows are dead work.
+Outputs are the raw projected embeddings, exactly cn_clip's `encode_image` / `encode_text` (not L2-normalised);
+the export's parity check compares them with the eager model. RN50's ResNet image tower is exported as is.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 VISION_INPUT, VISION_OUTPUT = "pixel_values", "image_embeds"
 TEXT_INPUT, TEXT_OUTPUT = "input_ids", "text_embeds"
 PAD_ID = 0  # cn_clip's [PAD]; the tokenizer pads with it and the text tower masks it out
+MASKED_SCORE = -10000.0  # cn_clip BERT's additive score for a [PAD] key
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """[B, S, D_in] -> [B, S, D_out] as one 2-D Gemm (a 3-D MatMul would leave the bias as a separate Add)."""
+    b, s, d = x.shape
+    return F.linear(x.reshape(b * s, d), weight, bias).reshape(b, s, weight.shape[0])
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Multi-head attention of q [B, Sq, D] over k, v [B, S, D]; `mask` is additive, [B, 1, 1, S].
+
+    The mask is expanded to [B, 1, Sq, S]: ONNX Runtime's Attention kernel does not broadcast the query axis.
+    """
+    b, sq, d = q.shape
+    if mask is not None:
+        mask = mask.expand(b, 1, sq, mask.shape[-1])
+
+    def split(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(b, t.shape[1], heads, d // heads).transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=mask)
+    return out.transpose(1, 2).reshape(b, sq, d)
+
+
+def _vit_block(block: nn.Module, x: torch.Tensor, first_token_only: bool) -> torch.Tensor:
+    """cn_clip ResidualAttentionBlock (pre-LN, QuickGELU MLP) on batch-first x [B, S, D]."""
+    attn, mlp = block.attn, block.mlp
+    d = x.shape[-1]
+    h = block.ln_1(x)
+    if first_token_only:
+        x, q = x[:, :1], _linear(h[:, :1], attn.in_proj_weight[:d], attn.in_proj_bias[:d])
+        k, v = _linear(h, attn.in_proj_weight[d:], attn.in_proj_bias[d:]).chunk(2, dim=-1)
+    else:
+        q, k, v = _linear(h, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    x = x + _linear(_attention(q, k, v, attn.num_heads), attn.out_proj.weight, attn.out_proj.bias)
+    h = mlp.gelu(_linear(block.ln_2(x), mlp.c_fc.weight, mlp.c_fc.bias))
+    return x + _linear(h, mlp.c_proj.weight, mlp.c_proj.bias)
+
+
+def _bert_layer(layer: nn.Module, x: torch.Tensor, mask: torch.Tensor, first_token_only: bool) -> torch.Tensor:
+    """cn_clip BertLayer (post-LN, erf GELU) on x [B, S, D] with an additive key mask [B, 1, 1, S]."""
+    sa, out = layer.attention.self, layer.attention.output
+    query_rows = x[:, :1] if first_token_only else x
+    q = _linear(query_rows, sa.query.weight, sa.query.bias)
+    k, v = _linear(x, sa.key.weight, sa.key.bias), _linear(x, sa.value.weight, sa.value.bias)
+    context = _attention(q, k, v, sa.num_attention_heads, mask)
+    a = out.LayerNorm(_linear(context, out.dense.weight, out.dense.bias) + query_rows)
+    h = layer.intermediate.intermediate_act_fn(_linear(a, layer.intermediate.dense.weight,
+                                                       layer.intermediate.dense.bias))
+    return layer.output.LayerNorm(_linear(h, layer.output.dense.weight, layer.output.dense.bias) + a)
 
 
 class VisionTower(nn.Module):
@@ -21,7 +80,16 @@ class VisionTower(nn.Module):
         self.visual = clip.visual
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.visual(pixel_values)
+        v = self.visual
+        if not hasattr(v, "transformer"):  # RN50: a ResNet with attention pooling, exported as cn_clip wrote it
+            return v(pixel_values)
+        x = v.conv1(pixel_values).flatten(2).transpose(1, 2)
+        cls = v.class_embedding.reshape(1, 1, -1).expand(x.shape[0], 1, x.shape[2])
+        x = v.ln_pre(torch.cat([cls, x], dim=1) + v.positional_embedding)
+        blocks = list(v.transformer.resblocks)
+        for i, block in enumerate(blocks):
+            x = _vit_block(block, x, first_token_only=i == len(blocks) - 1)
+        return v.ln_post(x[:, 0, :]) @ v.proj
 
 
 class TextTower(nn.Module):
@@ -33,6 +101,10 @@ class TextTower(nn.Module):
         self.text_projection = clip.text_projection
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        attention_mask = input_ids.ne(PAD_ID).to(torch.float32)
-        hidden = self.bert(input_ids, attention_mask=attention_mask)[0]
-        return hidden[:, 0, :] @ self.text_projection
+        keep = input_ids.ne(PAD_ID).to(torch.float32)
+        mask = ((1.0 - keep) * MASKED_SCORE)[:, None, None, :]
+        x = self.bert.embeddings(input_ids)
+        layers = list(self.bert.encoder.layer)
+        for i, layer in enumerate(layers):
+            x = _bert_layer(layer, x, mask, first_token_only=i == len(layers) - 1)
+        return x[:, 0, :] @ self.text_projection

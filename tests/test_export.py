@@ -18,10 +18,12 @@ from conftest import SAMPLE_TEXTS
 from engine import CheckpointError, IndexFormatError, InputError, LaclipConfig, Retriever
 from engine.backends.base import trim_padding
 from engine.index import Index
-from engine.models import file_sha256, load_model
+from engine.models import build_random_model, file_sha256, get_spec, load_model, save_checkpoint
 from engine.preprocess import Tokenizer
 from export import THRESHOLDS, ParityError, export_model, load_manifest
 from export.manifest import MANIFEST_NAME
+from export.onnx_export import ONNXRUNTIME_OPSET, TENSORRT_OPSET, build_towers
+from export.wrappers import TextTower, VisionTower
 from export.tensorrt_build import CONFIG_NAME, ENGINE_FILES, BuildEnvironment, ProfileConfig, rebuild_reason
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +63,7 @@ def test_manifest_records_identity_shapes_and_passing_parity(exports, tiny_check
     manifest = load_manifest(exports[precision], model="tiny")
     assert manifest.checkpoint_hash == file_sha256(tiny_checkpoint)
     assert (manifest.precision, manifest.embed_dim, manifest.input_resolution) == (precision, 32, 224)
-    assert manifest.opset >= 17
+    assert manifest.opset == ONNXRUNTIME_OPSET
     assert manifest.vision.input_shape == ["batch", 3, 224, 224]
     assert manifest.text.input_shape == ["batch", "sequence"]
     assert manifest.parity["threshold"] == THRESHOLDS[precision]
@@ -76,7 +78,7 @@ def test_onnx_files_have_named_dynamic_io_and_identity(exports, precision):
     manifest = load_manifest(exports[precision])
     for tower, entry, dynamic in (("vision", manifest.vision, [0]), ("text", manifest.text, [0, 1])):
         model = onnx.load(str(exports[precision] / entry.file), load_external_data=False)
-        assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
+        assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) == ONNXRUNTIME_OPSET
         (inp,), (out,) = model.graph.input, model.graph.output
         assert (inp.name, out.name) == (entry.input_name, entry.output_name)
         dims = inp.type.tensor_type.shape.dim
@@ -122,6 +124,72 @@ def test_unpadded_text_equals_padded_torch_reference(exports, tiny_checkpoint):
         reference = clip.encode_text(padded).numpy()
     np.testing.assert_allclose(short, reference, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(short, full, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_name", ["tiny", "RN50"])
+def test_export_towers_restate_cn_clip_exactly(model_name):
+    """The batch-first towers that get exported compute cn_clip's encode_image/encode_text, padding included."""
+    spec = get_spec(model_name)
+    clip = build_random_model(spec).eval()
+    generator = torch.Generator().manual_seed(7)
+    pixels = torch.randn(3, 3, spec.input_resolution, spec.input_resolution, generator=generator)
+    ids = torch.randint(672, 7992, (3, 20), generator=generator)
+    ids[:, 0], ids[0, 9:], ids[1, 4:] = 101, 0, 0
+    with torch.inference_mode():
+        torch.testing.assert_close(VisionTower(clip)(pixels), clip.encode_image(pixels), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(TextTower(clip)(ids), clip.encode_text(ids), rtol=1e-4, atol=1e-5)
+
+
+def _ops(path: Path) -> list[str]:
+    return [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
+
+
+def test_onnxruntime_export_has_one_attention_node_per_layer(exports):
+    config = get_spec("tiny").config()
+    for tower, layers in (("vision", config["vision_layers"]), ("text", config["text_num_hidden_layers"])):
+        ops = _ops(exports["fp32"] / f"{tower}.onnx")
+        assert ops.count("Attention") == layers, (tower, ops)
+        assert "Softmax" not in ops
+
+
+def test_tensorrt_opset_graph_matches_reference(tiny_checkpoint, tmp_path):
+    """The opset-18 graph built for TensorRT (attention as MatMul/Softmax/MatMul) is checked here on ONNX Runtime."""
+    clip = load_model(tiny_checkpoint, "tiny").model
+    files = build_towers(clip, 224, 52, "fp32", tmp_path, opset=TENSORRT_OPSET)
+    assert "Attention" not in _ops(files.vision) + _ops(files.text)
+    pixels = torch.randn(4, 3, 224, 224, generator=torch.Generator().manual_seed(3))
+    ids = Tokenizer(52)(SAMPLE_TEXTS[:4]).ids
+    with torch.inference_mode():
+        want = {"vision": clip.encode_image(pixels).numpy(), "text": clip.encode_text(ids).numpy()}
+    got = {"vision": ort.InferenceSession(str(files.vision)).run(None, {"pixel_values": pixels.numpy()})[0],
+           "text": ort.InferenceSession(str(files.text)).run(None, {"input_ids": ids.numpy()})[0]}
+    for tower in ("vision", "text"):
+        np.testing.assert_allclose(got[tower], want[tower], rtol=1e-4, atol=1e-5, err_msg=tower)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_towers_over_the_size_limit_keep_weights_in_a_side_file(tiny_checkpoint, tmp_path, monkeypatch, precision):
+    """Protobuf caps a file at 2 GB (ViT-H-14's image tower is 2.5 GB): above the limit weights go to a .data file."""
+    monkeypatch.setattr("export.onnx_export.EXTERNAL_DATA_BYTES", 10_000)  # the tiny towers are ~0.3-6 MB
+    manifest = export_model("tiny", tmp_path / "big", tiny_checkpoint, precision=precision)
+    for tower in (manifest.vision, manifest.text):
+        onnx_file = tmp_path / "big" / tower.file
+        side_files = [f for f in (tmp_path / "big").iterdir() if f.name.startswith(onnx_file.name) and f != onnx_file]
+        assert side_files and sum(f.stat().st_size for f in side_files) > 4 * onnx_file.stat().st_size
+    moved = Path(shutil.move(tmp_path / "big", tmp_path / "moved"))  # side files are found relative to the .onnx
+    served = Retriever.from_export(moved).encode_texts(SAMPLE_TEXTS)
+    reference = Retriever.from_checkpoint(tiny_checkpoint, model="tiny").encode_texts(SAMPLE_TEXTS)
+    assert (served * reference).sum(axis=1).min() >= THRESHOLDS[precision]
+
+
+@pytest.mark.slow
+def test_vit_h_14_exports_with_external_data(tmp_path):
+    """The real size case: random ViT-H-14 weights (image tower 2.5 GB in fp32), fp32 export, parity gate."""
+    checkpoint = tmp_path / "vit-h-14.pt"
+    save_checkpoint(build_random_model(get_spec("ViT-H-14")), checkpoint)
+    manifest = export_model("ViT-H-14", tmp_path / "out", checkpoint, precision="fp32")
+    assert (tmp_path / "out" / "vision.onnx").stat().st_size < 100_000_000
+    assert manifest.parity["vision"]["generated"]["min"] >= THRESHOLDS["fp32"]
 
 
 def test_trim_padding_keeps_the_longest_row_and_a_minimum_length():
