@@ -44,14 +44,27 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
     return out.transpose(1, 2).reshape(b, sq, d)
 
 
-def _vit_block(block: nn.Module, x: torch.Tensor, first_token_only: bool) -> torch.Tensor:
-    """cn_clip ResidualAttentionBlock (pre-LN, QuickGELU MLP) on batch-first x [B, S, D]."""
+class _SplitQKV(nn.Module):
+    """A block's packed in-projection as separate query and key/value weights (copies, so each exports as a
+    constant the int8 quantiser sees, instead of a Slice computed on every call)."""
+
+    def __init__(self, attn: nn.MultiheadAttention) -> None:
+        super().__init__()
+        d = attn.embed_dim
+        weight, bias = attn.in_proj_weight.detach(), attn.in_proj_bias.detach()
+        self.q_weight, self.q_bias = nn.Parameter(weight[:d].clone()), nn.Parameter(bias[:d].clone())
+        self.kv_weight, self.kv_bias = nn.Parameter(weight[d:].clone()), nn.Parameter(bias[d:].clone())
+
+
+def _vit_block(block: nn.Module, x: torch.Tensor, first_token_qkv: _SplitQKV | None = None) -> torch.Tensor:
+    """cn_clip ResidualAttentionBlock (pre-LN, QuickGELU MLP) on batch-first x [B, S, D]; given the block's split
+    in-projection, only the first token's query and output row are computed."""
     attn, mlp = block.attn, block.mlp
-    d = x.shape[-1]
     h = block.ln_1(x)
-    if first_token_only:
-        x, q = x[:, :1], _linear(h[:, :1], attn.in_proj_weight[:d], attn.in_proj_bias[:d])
-        k, v = _linear(h, attn.in_proj_weight[d:], attn.in_proj_bias[d:]).chunk(2, dim=-1)
+    if first_token_qkv is not None:
+        split = first_token_qkv
+        x, q = x[:, :1], _linear(h[:, :1], split.q_weight, split.q_bias)
+        k, v = _linear(h, split.kv_weight, split.kv_bias).chunk(2, dim=-1)
     else:
         q, k, v = _linear(h, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
     x = x + _linear(_attention(q, k, v, attn.num_heads), attn.out_proj.weight, attn.out_proj.bias)
@@ -78,17 +91,21 @@ class VisionTower(nn.Module):
     def __init__(self, clip: nn.Module) -> None:
         super().__init__()
         self.visual = clip.visual
+        self.is_vit = hasattr(self.visual, "transformer")  # RN50's image tower is a ResNet
+        if self.is_vit:
+            self.last_qkv = _SplitQKV(self.visual.transformer.resblocks[-1].attn)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         v = self.visual
-        if not hasattr(v, "transformer"):  # RN50: a ResNet with attention pooling, exported as cn_clip wrote it
+        if not self.is_vit:  # a ResNet with attention pooling: exported as cn_clip wrote it
             return v(pixel_values)
         x = v.conv1(pixel_values).flatten(2).transpose(1, 2)
         cls = v.class_embedding.reshape(1, 1, -1).expand(x.shape[0], 1, x.shape[2])
         x = v.ln_pre(torch.cat([cls, x], dim=1) + v.positional_embedding)
-        blocks = list(v.transformer.resblocks)
-        for i, block in enumerate(blocks):
-            x = _vit_block(block, x, first_token_only=i == len(blocks) - 1)
+        *blocks, last = v.transformer.resblocks
+        for block in blocks:
+            x = _vit_block(block, x)
+        x = _vit_block(last, x, first_token_qkv=self.last_qkv)
         return v.ln_post(x[:, 0, :]) @ v.proj
 
 
