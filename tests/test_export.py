@@ -23,7 +23,6 @@ from engine.preprocess import Tokenizer
 from export import THRESHOLDS, ParityError, export_model, load_manifest
 from export.manifest import MANIFEST_NAME
 from export.onnx_export import ONNXRUNTIME_OPSET, TENSORRT_OPSET, build_towers
-from export.wrappers import TextTower, VisionTower
 from export.tensorrt_build import CONFIG_NAME, ENGINE_FILES, BuildEnvironment, ProfileConfig, rebuild_reason
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,20 +123,6 @@ def test_unpadded_text_equals_padded_torch_reference(exports, tiny_checkpoint):
         reference = clip.encode_text(padded).numpy()
     np.testing.assert_allclose(short, reference, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(short, full, rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize("model_name", ["tiny", "RN50"])
-def test_export_towers_restate_cn_clip_exactly(model_name):
-    """The batch-first towers that get exported compute cn_clip's encode_image/encode_text, padding included."""
-    spec = get_spec(model_name)
-    clip = build_random_model(spec).eval()
-    generator = torch.Generator().manual_seed(7)
-    pixels = torch.randn(3, 3, spec.input_resolution, spec.input_resolution, generator=generator)
-    ids = torch.randint(672, 7992, (3, 20), generator=generator)
-    ids[:, 0], ids[0, 9:], ids[1, 4:] = 101, 0, 0
-    with torch.inference_mode():
-        torch.testing.assert_close(VisionTower(clip)(pixels), clip.encode_image(pixels), rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(TextTower(clip)(ids), clip.encode_text(ids), rtol=1e-4, atol=1e-5)
 
 
 def _ops(path: Path) -> list[str]:

@@ -1,4 +1,4 @@
-"""The PyTorch reference towers: cn_clip's own modules, fp32 on CPU, fp32/fp16/bf16 autocast on CUDA."""
+"""PyTorch towers: cn_clip's own forward in fp32 (the reference), the restated SDPA towers under fp16/bf16 autocast."""
 from __future__ import annotations
 
 import contextlib
@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+from ..towers import TextTower, VisionTower
 from .base import l2_normalize, trim_padding
 
 Precision = Literal["fp32", "fp16", "bf16"]
@@ -15,7 +16,8 @@ _AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class TorchEncoder:
-    """Wraps a cn_clip CLIP module; `precision` other than fp32 uses autocast and needs a CUDA device."""
+    """Wraps a cn_clip CLIP module. fp32 runs cn_clip's own forward; fp16/bf16 (CUDA only) run engine.towers under
+    autocast, whose scaled_dot_product_attention reaches the fused attention kernels."""
 
     def __init__(self, model: torch.nn.Module, input_resolution: int, device: str = "cpu",
                  precision: Precision = "fp32", pad_id: int = 0) -> None:
@@ -28,6 +30,9 @@ class TorchEncoder:
             raise InputError(f"precision {precision!r} is for CUDA; on {device!r} use fp32")
         self.model = model.to(self.device).float().eval()
         self.precision = precision
+        low_precision = precision != "fp32"
+        self._image_tower = VisionTower(self.model).eval() if low_precision else self.model.encode_image
+        self._text_tower = TextTower(self.model, pad_id).eval() if low_precision else self._reference_text
         self.input_resolution = input_resolution
         self.embed_dim = int(model.text_projection.shape[1])
         self.pad_id = pad_id
@@ -37,18 +42,21 @@ class TorchEncoder:
             return contextlib.nullcontext()
         return torch.autocast("cuda", dtype=_AUTOCAST[self.precision])
 
+    def _reference_text(self, ids: torch.Tensor) -> torch.Tensor:
+        """cn_clip's encode_text with this encoder's pad id."""
+        hidden = self.model.bert(ids, attention_mask=ids.ne(self.pad_id).float())[0]
+        return hidden[:, 0, :] @ self.model.text_projection
+
     @torch.inference_mode()
     def encode_images(self, pixels: torch.Tensor) -> np.ndarray:
         with self._autocast():
-            out = self.model.encode_image(pixels.to(self.device, non_blocking=True))
+            out = self._image_tower(pixels.to(self.device, non_blocking=True))
         return l2_normalize(out.float().cpu().numpy())
 
     @torch.inference_mode()
     def encode_texts(self, token_ids: torch.Tensor) -> np.ndarray:
         trimmed = trim_padding(token_ids.cpu().numpy(), self.pad_id, min_length=1)
         ids = torch.from_numpy(trimmed).to(self.device, non_blocking=True)
-        attention = ids.ne(self.pad_id).float()
         with self._autocast():
-            hidden = self.model.bert(ids, attention_mask=attention)[0]
-            out = hidden[:, 0, :].float() @ self.model.text_projection.float()
+            out = self._text_tower(ids)
         return l2_normalize(out.float().cpu().numpy())
