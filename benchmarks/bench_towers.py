@@ -3,7 +3,7 @@
 Run:  python -m pytest benchmarks/bench_towers.py --benchmark-only -q
 Model: ViT-B-16 structure with deterministic random weights, exported once with `export.export_model` (parity-gated)
 into $BENCH_TOWERS_DIR (default /tmp/cnclip-bench-towers, about 1.6 GB; reused while the checkpoint and the
-export package's code are unchanged).
+export code (export/, engine/towers.py) are unchanged).
 Cases: vision at batch 1, 8, 32; text at lengths 8 and 52 (all tokens real, so both backends see that length) at
 batch 1, 8, 32. Threads: torch.set_num_threads(THREADS) and ONNX Runtime intra-op THREADS, inter-op 1.
 items/s use each case's best round (the least disturbed on a shared machine). A markdown summary (items/s,
@@ -59,7 +59,7 @@ def encoders(checkpoint: Path) -> dict[str, object]:
     out: dict[str, object] = {"torch-fp32": TorchEncoder(loaded.model, loaded.spec.input_resolution)}
     for precision in ("fp32", "fp16", "int8"):
         directory = WORK_DIR / precision
-        stamp = WORK_DIR / f"{precision}.key"
+        stamp = directory / "bench.key"  # inside the export, so it goes when the export does
         if stamp.is_file() and stamp.read_text() == key:
             manifest = load_manifest(directory, MODEL)
         else:  # no export yet, or one of other weights or export code: make it (parity-gated)
@@ -72,9 +72,11 @@ def encoders(checkpoint: Path) -> dict[str, object]:
 
 
 def _export_code_digest() -> str:
-    """SHA-256 over the export package's sources: a cached export is reused only if made by the same code."""
+    """SHA-256 over the sources that shape an export (the export package and engine/towers.py): a cached export
+    is reused only if made by the same code."""
+    root = Path(__file__).resolve().parent.parent
     digest = hashlib.sha256()
-    for path in sorted((Path(__file__).resolve().parent.parent / "export").glob("*.py")):
+    for path in [*sorted((root / "export").glob("*.py")), root / "engine" / "towers.py"]:
         digest.update(path.read_bytes())
     return digest.hexdigest()
 
