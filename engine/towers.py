@@ -71,7 +71,8 @@ def _vit_block(block: nn.Module, x: torch.Tensor, first_token_qkv: _SplitQKV | N
     return x + _linear(h, mlp.c_proj.weight, mlp.c_proj.bias)
 
 
-def _bert_layer(layer: nn.Module, x: torch.Tensor, mask: torch.Tensor, first_token_only: bool) -> torch.Tensor:
+def _bert_layer(layer: nn.Module, x: torch.Tensor, mask: torch.Tensor,
+                first_token_only: bool = False) -> torch.Tensor:
     """cn_clip BertLayer (post-LN, erf GELU) on x [B, S, D] with an additive key mask [B, 1, 1, S]."""
     sa, out = layer.attention.self, layer.attention.output
     query_rows = x[:, :1] if first_token_only else x
@@ -121,7 +122,8 @@ class TextTower(nn.Module):
         keep = input_ids.ne(self.pad_id).to(torch.float32)
         mask = ((1.0 - keep) * MASKED_SCORE)[:, None, None, :]
         x = self.bert.embeddings(input_ids)
-        layers = list(self.bert.encoder.layer)
-        for i, layer in enumerate(layers):
-            x = _bert_layer(layer, x, mask, first_token_only=i == len(layers) - 1)
+        *layers, last = self.bert.encoder.layer
+        for layer in layers:
+            x = _bert_layer(layer, x, mask)
+        x = _bert_layer(last, x, mask, first_token_only=True)
         return x[:, 0, :] @ self.text_projection

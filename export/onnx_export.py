@@ -19,8 +19,9 @@ from typing import Literal
 import torch
 
 from engine.errors import InputError
+from engine.towers import TextTower, VisionTower
 
-from .wrappers import TEXT_INPUT, TEXT_OUTPUT, VISION_INPUT, VISION_OUTPUT, TextTower, VisionTower
+from .tensor_names import TEXT_INPUT, TEXT_OUTPUT, VISION_INPUT, VISION_OUTPUT
 
 ONNXRUNTIME_OPSET = 23
 TENSORRT_OPSET = 18

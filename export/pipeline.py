@@ -10,13 +10,14 @@ from pathlib import Path
 from engine.errors import InputError
 from engine.models import load_model
 from engine.preprocess import DEFAULT_CONTEXT_LENGTH
+from engine.towers import PAD_ID
 
 from .manifest import MANIFEST_NAME, ExportManifest, TowerEntry
 from .onnx_export import ONNXRUNTIME_OPSET, PRECISIONS, TENSORRT_OPSET, build_towers, stamp_metadata
 from .parity import (THRESHOLDS, ParityInputs, check, generated_pixels, generated_token_ids, measure, user_pixels,
                      user_token_ids)
 from .serving import open_encoder
-from .wrappers import PAD_ID, TEXT_INPUT, TEXT_OUTPUT, VISION_INPUT, VISION_OUTPUT
+from .tensor_names import TEXT_INPUT, TEXT_OUTPUT, VISION_INPUT, VISION_OUTPUT
 
 FORMATS = ("onnx", "tensorrt")
 
