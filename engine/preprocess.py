@@ -1,4 +1,4 @@
-"""Image decoding, cn_clip-exact image transform, LACLIP crop pixels, and cn_clip's BERT tokenizer."""
+"""Image decoding, cn_clip-exact image transform, LACLIP crop pixels, cn_clip's text normalisation + tokenizer."""
 from __future__ import annotations
 
 import hashlib
@@ -113,6 +113,22 @@ class ImageTransform:
         return torch.stack([self._transform(image.crop(box)) for box in boxes])
 
 
+TEXT_PIPELINE = "cn_clip-eval-text-v1"  # version of normalize_text + the wordpiece tokenisation; indexes record it
+
+
+def normalize_text(text: str) -> str:
+    """cn_clip's `_preprocess_text` (training, evaluation and zero-shot data code): lower-case, then map the
+    curly double quotes \u201c \u201d to ASCII '"'. Curly single quotes stay (cn_clip leaves them, as [UNK])."""
+    return text.lower().replace("\u201c", '"').replace("\u201d", '"')
+
+
+def wordpieces(text: str) -> list[int]:
+    """Vocabulary ids of `normalize_text(text)`'s wordpieces, before [CLS]/[SEP] and truncation."""
+    from cn_clip.clip import _tokenizer
+
+    return _tokenizer.convert_tokens_to_ids(_tokenizer.tokenize(normalize_text(text)))
+
+
 @dataclass(frozen=True)
 class TokenizedTexts:
     """Token ids [n, context_length] (cn_clip layout, 0-padded) and which texts were truncated."""
@@ -122,21 +138,21 @@ class TokenizedTexts:
 
 
 class Tokenizer:
-    """cn_clip's BERT tokenizer: [CLS] tokens[:L-2] [SEP], zero-padded to the context length L."""
+    """cn_clip's evaluation text pipeline: `normalize_text`, BERT wordpieces, [CLS] pieces[:L-2] [SEP],
+    zero-padded to the context length L (cn_clip's `tokenize([_preprocess_text(text)], L)`)."""
 
     def __init__(self, context_length: int = DEFAULT_CONTEXT_LENGTH) -> None:
         if context_length < 3:
             raise InputError(f"context_length must be at least 3, got {context_length}")
         from cn_clip.clip import _tokenizer
 
-        self._tokenizer = _tokenizer
         self.context_length = context_length
         self.cls_id = _tokenizer.vocab["[CLS]"]
         self.sep_id = _tokenizer.vocab["[SEP]"]
         self.pad_id = _tokenizer.vocab["[PAD]"]
 
     def __call__(self, texts: Sequence[str]) -> TokenizedTexts:
-        """Tokenize a batch; an empty or non-string text is an InputError naming its position."""
+        """Tokenize a batch; a non-string text, or one with no wordpieces, is an InputError naming its position."""
         ids = torch.zeros(len(texts), self.context_length, dtype=torch.long)
         truncated = []
         for row, text in enumerate(texts):
@@ -150,7 +166,7 @@ class Tokenizer:
     def _pieces(self, text: object, row: int) -> list[int]:
         if not isinstance(text, str):
             raise InputError(f"text #{row} is a {type(text).__name__}, expected str")
-        pieces = self._tokenizer.convert_tokens_to_ids(self._tokenizer.tokenize(text))
+        pieces = wordpieces(text)
         if not pieces:
             raise InputError(f"text #{row} is empty (or only whitespace/control characters): {text!r}")
         return pieces

@@ -14,7 +14,10 @@ from conftest import image_bytes, make_image
 from engine import InputError, LaclipConfig, Retriever
 from engine.eval import (DatasetError, EvalSettings, best_ranks, evaluate, read_dataset, recalls,
                          retrieval_metrics)
+from engine.eval import features
+from engine.eval.cli import main as eval_main
 from engine.eval.metrics import KS
+from engine.preprocess import TEXT_PIPELINE
 
 ROOT = Path(__file__).resolve().parents[1]
 N_IMAGES = 8
@@ -209,6 +212,16 @@ def test_cache_reuses_features_across_scoring_settings(tmp_path, calls):
     assert calls == {"texts": len(TEXTS), "images": 2 * N_IMAGES}
 
 
+def test_cache_from_another_text_pipeline_is_not_reused(tmp_path, calls, monkeypatch):
+    data, cache = write_folder_dataset(tmp_path / "d"), tmp_path / "cache"
+    monkeypatch.setattr(features, "TEXT_PIPELINE", "raw-text-v0")  # a cache written by an older engine
+    old = evaluate(settings(data, cache))
+    monkeypatch.setattr(features, "TEXT_PIPELINE", TEXT_PIPELINE)
+    new = evaluate(settings(data, cache))
+    assert calls["texts"] == 2 * len(TEXTS) and calls["images"] == N_IMAGES  # texts re-encoded, images reused
+    assert new.results == old.results and not new.meta["features_cached"]
+
+
 def test_cache_notices_changed_files(tmp_path, calls):
     data, cache = write_folder_dataset(tmp_path / "d"), tmp_path / "cache"
     evaluate(settings(data, cache))
@@ -228,6 +241,9 @@ def _bad_case(tmp_path: Path, case: str) -> tuple[Path, str]:
     if case == "malformed_line":
         lines.insert(1, '{"text_id": 100, "text": "没有结尾"')
         return write_folder_dataset(tmp_path, lines), "test_texts.jsonl:2:"
+    if case == "tokenless_text":
+        lines[4] = json.dumps({"text_id": 4, "text": "\u200b\x00 \x07", "image_ids": [3]})
+        return write_folder_dataset(tmp_path, lines), "test_texts.jsonl:5:"
     if case == "duplicate_text_id":
         lines.append(json.dumps({"text_id": 1, "text": "重复", "image_ids": [1]}, ensure_ascii=False))
         return write_folder_dataset(tmp_path, lines), "test_texts.jsonl:9:"
@@ -246,11 +262,12 @@ def _bad_case(tmp_path: Path, case: str) -> tuple[Path, str]:
     return write_tsv_dataset(tmp_path, rows=rows), "test_imgs.tsv:7:"
 
 
-BAD_CASES = ["missing_image", "malformed_line", "duplicate_text_id", "undecodable_file", "undecodable_tsv",
-             "bad_base64_tsv", "duplicate_image_id_tsv"]
+BAD_CASES = ["missing_image", "malformed_line", "tokenless_text", "duplicate_text_id", "undecodable_file",
+             "undecodable_tsv", "bad_base64_tsv", "duplicate_image_id_tsv"]
 # texts and images left after skipping: image 6 undecodable drops text 7 (images 5, 6) with it
-LEFT = {"missing_image": (7, 8), "malformed_line": (8, 8), "duplicate_text_id": (8, 8), "undecodable_file": (7, 7),
-        "undecodable_tsv": (7, 7), "bad_base64_tsv": (7, 7), "duplicate_image_id_tsv": (8, 8)}
+LEFT = {"missing_image": (7, 8), "malformed_line": (8, 8), "tokenless_text": (7, 8), "duplicate_text_id": (8, 8),
+        "undecodable_file": (7, 7), "undecodable_tsv": (7, 7), "bad_base64_tsv": (7, 7),
+        "duplicate_image_id_tsv": (8, 8)}
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
@@ -321,3 +338,27 @@ def test_cli_bad_data_exit_code_and_skip_count(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "skipped 1 bad records" in proc.stderr and where in proc.stderr
     assert "global" in proc.stdout and "laclip" not in proc.stdout
+
+
+def test_cli_predictions_write_the_global_rankings_without_laclip(tmp_path, capsys):
+    data, preds = write_folder_dataset(tmp_path / "d"), tmp_path / "preds.jsonl"
+    assert eval_main(["--model", "tiny", "--data", str(data), "--no-cache", "--crops", "0",
+                      "--predictions", str(preds)]) == 0
+    out, err = capsys.readouterr()
+    assert "wrote global rankings" in out
+    assert "needs 10 predictions per query" in err  # 8 texts and 8 images: cn_clip's scorer would refuse
+    t2i = [json.loads(line) for line in preds.read_text(encoding="utf-8").splitlines()]
+    i2t = [json.loads(line) for line in (tmp_path / "preds.tr.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [line["text_id"] for line in t2i] == [t for t, _, _ in TEXTS]
+    assert [line["image_id"] for line in i2t] == list(range(N_IMAGES))  # every image, as cn_clip writes them
+    assert all(sorted(line["image_ids"]) == list(range(N_IMAGES)) for line in t2i)
+    assert all(sorted(line["text_ids"]) == [t for t, _, _ in TEXTS] for line in i2t)
+
+
+def test_predictions_mode_must_be_known_and_laclip_needs_crops(tmp_path, capsys):
+    with pytest.raises(InputError, match="'best'"):
+        EvalSettings(data=tmp_path, rank_mode="best")
+    assert eval_main(["--model", "tiny", "--data", str(write_folder_dataset(tmp_path / "d")), "--no-cache",
+                      "--crops", "0", "--predictions", str(tmp_path / "p.jsonl"), "--predictions-mode", "laclip"]) == 2
+    assert "needs LACLIP" in capsys.readouterr().err
+    assert not (tmp_path / "p.jsonl").exists()

@@ -1,6 +1,10 @@
-"""Preprocessing equals cn_clip's own image_transform + tokenize + model, and bad images fail clearly."""
+"""Preprocessing equals cn_clip's own image_transform + _preprocess_text + tokenize + model; bad input fails clearly.
+
+tests/test_fidelity.py runs the same comparison through cn_clip's evaluation datasets (LMDB images, jsonl texts).
+"""
 from __future__ import annotations
 
+import base64
 import io
 
 import numpy as np
@@ -8,12 +12,13 @@ import pytest
 import torch
 from cn_clip.clip import image_transform, tokenize
 from cn_clip.clip.utils import create_model
+from cn_clip.eval.data import _preprocess_text
 from PIL import Image
 
 from conftest import image_bytes, make_image
 from engine import ImageDecodeError, InputError, Retriever
 from engine.models import build_random_model, get_spec, save_checkpoint
-from engine.preprocess import ImageTransform, Tokenizer, load_image
+from engine.preprocess import ImageTransform, Tokenizer, load_image, normalize_text
 
 MODES = ["RGB", "RGBA", "LA", "P", "L", "I;16", "CMYK"]
 SIZES = [(92, 96), (1887, 366), (366, 1887), (3, 700), (1000, 2), (224, 224)]
@@ -51,23 +56,59 @@ def test_pixels_identical_to_cn_clip_for_paths_bytes_and_pil(tmp_path):
         assert torch.equal(transform(load_image(source)), expected)
 
 
-TEXTS = ["一只橘猫", "敦煌壁画中的飞天，衣带飘舞", "Hello 世界 123", "长" * 80, "床前明月光\n疑是地上霜"]
+def _exif_rotated_jpeg() -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation "rotate 90": cn_clip ignores it, so the engine must too
+    buf = io.BytesIO()
+    make_image(120, 60, seed=4).save(buf, format="JPEG", exif=exif)
+    return buf.getvalue()
+
+
+def _two_frame_gif() -> bytes:
+    frames = [make_image(50, 70, seed=s).convert("P") for s in (5, 6)]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("data", [_exif_rotated_jpeg(), _two_frame_gif(),
+                                  image_bytes(make_image(90, 33, "CMYK", seed=7), "JPEG")],
+                         ids=["exif-orientation", "gif-first-frame", "cmyk-jpeg"])
+def test_pixels_identical_to_cn_clip_eval_decoding(data):
+    """cn_clip's eval: Image.open(BytesIO(urlsafe_b64decode(row))) then image_transform, nothing else."""
+    expected = image_transform(224)(Image.open(io.BytesIO(base64.urlsafe_b64decode(base64.b64encode(data)))))
+    assert torch.equal(ImageTransform(224)(load_image(data)), expected)
+
+
+TEXTS = ["一只橘猫", "“敦煌壁画”中的飞天，衣带飘舞", "Hello 世界 123", "长" * 80, "床前明月光\n疑是地上霜"]
+
+
+def cn_clip_tokens(texts: list[str], context_length: int = 52) -> torch.Tensor:
+    """cn_clip's evaluation/training text pipeline: tokenize([_preprocess_text(text)])."""
+    return tokenize([_preprocess_text(t) for t in texts], context_length=context_length)
 
 
 def test_tokenizer_equals_cn_clip():
     for length in (52, 24):
         ours = Tokenizer(length)(TEXTS)
-        assert torch.equal(ours.ids, tokenize(TEXTS, context_length=length))
+        assert torch.equal(ours.ids, cn_clip_tokens(TEXTS, length))
     assert Tokenizer(52)(TEXTS).truncated == [False, False, False, True, False]
 
 
 def test_text_embeddings_equal_cn_clip(retriever):
     with torch.no_grad():
-        reference = retriever.encoder.model.encode_text(tokenize(TEXTS)).numpy()
+        reference = retriever.encoder.model.encode_text(cn_clip_tokens(TEXTS)).numpy()
     assert _cosines(retriever.encode_texts(TEXTS), reference).min() >= 0.99999
 
 
-@pytest.mark.parametrize("bad", ["", "   ", "\t\n"])
+def test_every_retriever_text_path_normalises(retriever):
+    curly, straight = ["“猫”在“窗台”上 CAT"], ['"猫"在"窗台"上 cat']
+    assert normalize_text(curly[0]) == straight[0]
+    assert torch.equal(retriever.tokenize(curly).ids, retriever.tokenize(straight).ids)
+    assert np.array_equal(retriever.encode_texts(curly), retriever.encode_texts(straight))
+
+
+@pytest.mark.parametrize("bad", ["", "   ", "\t\n", "\u200b\x00\u3000", "\x07"])
 def test_empty_text_is_an_error(bad):
     with pytest.raises(InputError, match="empty"):
         Tokenizer()(["好", bad])
@@ -89,7 +130,7 @@ def test_official_structure_loads_like_cn_clip(tmp_path):
     images = [make_image(w, h, "RGBA", seed=i) for i, (w, h) in enumerate(SIZES[:3])]
     with torch.no_grad():
         ref_img = cn_model.encode_image(torch.stack([image_transform(224)(i) for i in images])).numpy()
-        ref_txt = cn_model.encode_text(tokenize(TEXTS[:3])).numpy()
+        ref_txt = cn_model.encode_text(cn_clip_tokens(TEXTS[:3])).numpy()
     assert _cosines(ours.encode_images(images), ref_img).min() >= 0.99999
     assert _cosines(ours.encode_texts(TEXTS[:3]), ref_txt).min() >= 0.99999
 

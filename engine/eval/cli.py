@@ -15,6 +15,7 @@ from .datasets import DatasetError
 from .evaluate import EvalReport, EvalSettings, evaluate
 from .features import DEFAULT_CACHE_DIR
 from .metrics import KS, Metrics
+from .predictions import unscorable_by_cn_clip, write_predictions
 
 
 def _list_of(kind: Callable[[str], object]) -> Callable[[str], tuple]:
@@ -43,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip-bad", action="store_true",
                         help="skip bad records (reported with file and line) instead of failing")
     parser.add_argument("--json", type=Path, metavar="OUT", help="write the results as JSON to OUT")
+    parser.add_argument("--predictions", type=Path, metavar="OUT.jsonl",
+                        help="also write cn_clip's top-10 prediction files: text->image to OUT.jsonl and "
+                             "image->text to OUT.tr.jsonl, for cn_clip's evaluation.py / evaluation_tr.py")
+    parser.add_argument("--predictions-mode", choices=["global", "laclip"],
+                        help="whose rankings --predictions writes (default: laclip when LACLIP is on, else global)")
     add_laclip_arguments(parser)
     sweep = parser.add_argument_group("sweep (one printed row per combination; unswept values from the LACLIP options)")
     sweep.add_argument("--sweep-crops", type=_list_of(int), default=(), metavar="K,K,...")
@@ -53,11 +59,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def settings_from_args(args: argparse.Namespace) -> EvalSettings:
+    laclip = laclip_from_args(args)
+    rank_mode = None
+    if args.predictions is not None:
+        rank_mode = args.predictions_mode or ("laclip" if laclip is not None else "global")
     return EvalSettings(
         data=args.data, model=args.model, checkpoint=args.checkpoint, split=args.split, layout=args.layout,
-        laclip=laclip_from_args(args), sweep_crops=args.sweep_crops, sweep_tau=args.sweep_tau,
+        laclip=laclip, sweep_crops=args.sweep_crops, sweep_tau=args.sweep_tau,
         sweep_alpha=args.sweep_alpha, sweep_weights=args.sweep_weights, batch_size=args.batch_size,
         device=args.device, cache_dir=None if args.no_cache else args.cache_dir, skip_bad=args.skip_bad,
+        rank_mode=rank_mode,
     )
 
 
@@ -96,7 +107,8 @@ def format_report(report: EvalReport) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        report = evaluate(settings_from_args(args))
+        settings = settings_from_args(args)
+        report = evaluate(settings)
     except DatasetError as exc:
         print(f"error: {len(exc.problems)} bad records (rerun with --skip-bad to skip them):", file=sys.stderr)
         for problem in exc.problems:
@@ -114,4 +126,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report.to_json(), ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
         print(f"wrote {args.json}")
+    if report.rankings is not None:
+        t2i, i2t = write_predictions(report.rankings, args.predictions)
+        print(f"wrote {settings.rank_mode} rankings: {t2i} (text->image), {i2t} (image->text)")
+        problem = unscorable_by_cn_clip(report.rankings)
+        if problem:
+            print(f"note: cn_clip's evaluation.py will refuse these files: {problem}", file=sys.stderr)
     return 0

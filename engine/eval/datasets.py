@@ -18,7 +18,7 @@ from PIL import Image
 
 from ..errors import ImageDecodeError, InputError
 from ..gallery import list_images
-from ..preprocess import DEFAULT_MAX_PIXELS, load_image
+from ..preprocess import DEFAULT_MAX_PIXELS, load_image, wordpieces
 
 Layout = Literal["auto", "tsv", "folder"]
 MAX_LISTED = 20  # problems quoted in an exception message (the CLI prints them all)
@@ -271,8 +271,8 @@ def _parse_text_line(raw: bytes) -> tuple[TextRecord | None, str | None]:
     text_id, text, image_ids = obj.get("text_id"), obj.get("text"), obj.get("image_ids")
     if not _is_id(text_id):
         return None, f"'text_id' must be a non-empty string or an integer, got {text_id!r}"
-    if not isinstance(text, str) or not text.strip():
-        return None, f"'text' must be a non-empty string, got {text!r}"
+    if not isinstance(text, str) or not wordpieces(text):
+        return None, f"'text' must be a string with at least one token (not only spaces/control), got {text!r}"
     if not isinstance(image_ids, list) or not image_ids or not all(_is_id(i) for i in image_ids):
         return None, f"'image_ids' must be a non-empty list of string or integer ids, got {image_ids!r}"
     ids = tuple(dict.fromkeys(str(i) for i in image_ids))

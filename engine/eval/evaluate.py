@@ -6,6 +6,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .. import scoring
 from ..errors import InputError
 from ..laclip import LaclipConfig
@@ -13,6 +15,7 @@ from ..retriever import Retriever
 from .datasets import Dataset, DatasetError, Layout, Problem, check_images, read_dataset
 from .features import DEFAULT_CACHE_DIR, FeatureCache, ImageFeatures, image_features, text_features
 from .metrics import Metrics, retrieval_metrics
+from .predictions import Rankings, rank
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,13 @@ class EvalSettings:
     cache_dir: Path | None = DEFAULT_CACHE_DIR
     skip_bad: bool = False
     progress: bool | None = None
+    rank_mode: str | None = None  # "global" or "laclip": keep that mode's top-10 rankings (prediction files)
+
+    def __post_init__(self) -> None:
+        if self.rank_mode not in (None, "global", "laclip"):
+            raise InputError(f"rank_mode must be None, 'global' or 'laclip', got {self.rank_mode!r}")
+        if self.rank_mode == "laclip" and self.laclip is None:
+            raise InputError("rank_mode 'laclip' needs LACLIP on (--crops >= 1)")
 
     @property
     def sweeping(self) -> bool:
@@ -59,6 +69,7 @@ class EvalReport:
     sweep: list[tuple[LaclipConfig, Metrics]]
     skipped: list[Problem]
     meta: dict[str, Any]
+    rankings: Rankings | None = None  # the top-10 rankings of `EvalSettings.rank_mode`
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self.results)
@@ -95,18 +106,23 @@ def evaluate(settings: EvalSettings) -> EvalReport:
     position = {image_id: i for i, image_id in enumerate(first.ids)}
     truth = [[position[i] for i in r.image_ids] for r in kept]
 
-    def score(config: LaclipConfig | None) -> Metrics:
+    def scores(config: LaclipConfig | None) -> np.ndarray:
         feats = images[config.crop_settings()] if config is not None else first
-        return retrieval_metrics(scoring.score_images(t, feats.global_, feats.crops, None, config), truth)
+        return scoring.score_images(t, feats.global_, feats.crops, None, config)
 
-    results = {"global": score(None)}
-    if settings.laclip is not None:
-        results["laclip"] = score(settings.laclip)
-    rows = [(c, results["laclip"] if c == settings.laclip else score(c)) for c in sweep]
+    modes = {"global": None, **({"laclip": settings.laclip} if settings.laclip is not None else {})}
+    results, rankings = {}, None
+    for mode, config in modes.items():
+        matrix = scores(config)
+        results[mode] = retrieval_metrics(matrix, truth)
+        if mode == settings.rank_mode:
+            rankings = rank(matrix, [r.id for r in kept], first.ids)
+    rows = [(c, results["laclip"] if c == settings.laclip else retrieval_metrics(scores(c), truth))
+            for c in sweep]
     skipped = dataset.problems + first.problems + dropped
     meta = _meta(settings, retriever, dataset, first, len(kept), len({i for r in kept for i in r.image_ids}),
                  cached=texts.cached and all(f.cached for f in images.values()))
-    return EvalReport(results, rows, skipped, meta)
+    return EvalReport(results, rows, skipped, meta, rankings)
 
 
 def _with(retriever: Retriever, config: LaclipConfig) -> Retriever:

@@ -1,8 +1,9 @@
 """Encode a dataset's texts and images once and cache the embeddings as .npy files.
 
 An entry is keyed by everything that changes the embeddings: model, checkpoint hash, the files' fingerprint,
-context length (texts), and the LACLIP crop settings (images). Scoring settings (tau, alpha, weights) are not
-in the key, so re-scoring with other values reuses the entry; another K encodes (and caches) its own crops.
+the text pipeline version and context length (texts), and the LACLIP crop settings (images). Scoring settings
+(tau, alpha, weights) are not in the key, so re-scoring with other values reuses the entry; another K encodes
+(and caches) its own crops.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import ImageDecodeError
+from ..preprocess import TEXT_PIPELINE
 from ..retriever import Retriever
 from .datasets import Dataset, ImageRecord, Problem, undecodable
 
@@ -92,8 +94,8 @@ def text_features(retriever: Retriever, dataset: Dataset, cache: FeatureCache, p
                   ) -> TextFeatures:
     """Embeddings of every well-formed text, from the cache when the texts file and model are unchanged."""
     ids = [r.id for r in dataset.texts]
-    key = {"kind": "texts", **_model_key(retriever), "context_length": retriever.tokenizer.context_length,
-           "texts": dataset.texts_fingerprint}
+    key = {"kind": "texts", **_model_key(retriever), "text_pipeline": TEXT_PIPELINE,
+           "context_length": retriever.tokenizer.context_length, "texts": dataset.texts_fingerprint}
     hit = cache.load(key)
     if hit is not None and hit[0].get("ids") == ids:
         return TextFeatures(ids, hit[1]["emb"], cached=True)
