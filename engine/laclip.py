@@ -1,5 +1,7 @@
 """LACLIP local alignment: settings, seeded crop boxes, and the pure-PyTorch reference scoring.
 
+Settings come in two parts: CropConfig (fixed when images are encoded) and ScoreConfig (chosen per query).
+
 Score of text t against an image with global embedding g and crop embeddings c_1..c_K (all L2-normalised):
     s = alpha * (g . t) + (1 - alpha) * sum_j w_j (c_j . t)
     w_j = softmax_j(c_j . g / tau)   weights="image" (the paper's figure)
@@ -10,7 +12,7 @@ This module is the truth the native kernel (engine.ops) is tested against.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, astuple, dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -23,14 +25,87 @@ CropMode = Literal["random", "grid"]
 
 
 @dataclass(frozen=True)
-class LaclipConfig:
-    """LACLIP settings. The paper gives no K, tau or crop sizes, so these defaults are ours (tune on validation).
+class CropConfig:
+    """How crops are cut at encode time: part of an index's identity (changing it means re-encoding).
 
     num_crops: K crops per image. crop_mode: "random" (area/aspect ranges, seeded per image) or "grid"
     (a sqrt(K) x sqrt(K) tiling; K must be a square). crop_area: crop area as a fraction of the image.
-    crop_aspect: width/height range, sampled log-uniformly. tau: softmax temperature of the crop weights.
-    alpha: weight of the global term (0 = the paper's figure, 1 = plain CLIP). weights: "image" or "text".
-    seed: mixed with each image's content hash to place its crops.
+    crop_aspect: width/height range, sampled log-uniformly. seed: mixed with each image's content hash.
+    """
+
+    num_crops: int = 4
+    crop_mode: CropMode = "random"
+    crop_area: tuple[float, float] = (0.25, 0.6)
+    crop_aspect: tuple[float, float] = (3 / 4, 4 / 3)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "crop_area", tuple(self.crop_area))
+        object.__setattr__(self, "crop_aspect", tuple(self.crop_aspect))
+        if isinstance(self.num_crops, bool) or not isinstance(self.num_crops, int) or self.num_crops < 1:
+            raise InputError(f"num_crops must be a positive int, got {self.num_crops!r}")
+        if self.crop_mode not in ("random", "grid"):
+            raise InputError(f"crop_mode must be 'random' or 'grid', got {self.crop_mode!r}")
+        if self.crop_mode == "grid" and math.isqrt(self.num_crops) ** 2 != self.num_crops:
+            raise InputError(f"crop_mode='grid' needs a square num_crops (1, 4, 9, ...), got {self.num_crops}")
+        lo, hi = self.crop_area
+        if not 0 < lo <= hi <= 1:
+            raise InputError(f"crop_area must satisfy 0 < min <= max <= 1, got {self.crop_area!r}")
+        lo, hi = self.crop_aspect
+        if not 0 < lo <= hi:
+            raise InputError(f"crop_aspect must satisfy 0 < min <= max, got {self.crop_aspect!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "CropConfig":
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """How a query is scored: chosen per call (per HTTP request too), no re-encoding needed.
+
+    tau: softmax temperature of the crop weights. alpha: weight of the global term (0 = the paper's figure,
+    1 = plain CLIP). weights: "image" (w_j from c_j . g) or "text" (query-aware, w_j from c_j . t).
+    """
+
+    tau: float = 0.1
+    alpha: float = 0.5
+    weights: WeightsMode = "image"
+
+    def __post_init__(self) -> None:
+        for name in ("tau", "alpha"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise InputError(f"{name} must be a number, got {value!r}")
+        if not self.tau > 0 or not math.isfinite(self.tau):
+            raise InputError(f"tau must be a finite number > 0, got {self.tau!r}")
+        if not 0 <= self.alpha <= 1:
+            raise InputError(f"alpha must be in [0, 1], got {self.alpha!r}")
+        if self.weights not in ("image", "text"):
+            raise InputError(f"weights must be 'image' or 'text', got {self.weights!r}")
+
+    @property
+    def plain(self) -> bool:
+        """alpha = 1: the global term only (plain CLIP), whatever the crops."""
+        return self.alpha == 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ScoreConfig":
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class LaclipConfig:
+    """LACLIP settings: the crop settings (`.crops`, fixed at encode time) plus the default scoring (`.score`).
+
+    The paper gives no K, tau or crop sizes, so these defaults are ours (tune on validation). Fields are
+    documented on CropConfig and ScoreConfig, which also validate them.
     """
 
     num_crops: int = 4
@@ -43,42 +118,37 @@ class LaclipConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.num_crops, int) or self.num_crops < 1:
-            raise InputError(f"num_crops must be a positive int, got {self.num_crops!r}")
-        if self.crop_mode not in ("random", "grid"):
-            raise InputError(f"crop_mode must be 'random' or 'grid', got {self.crop_mode!r}")
-        if self.crop_mode == "grid" and math.isqrt(self.num_crops) ** 2 != self.num_crops:
-            raise InputError(f"crop_mode='grid' needs a square num_crops (1, 4, 9, ...), got {self.num_crops}")
-        lo, hi = self.crop_area
-        if not 0 < lo <= hi <= 1:
-            raise InputError(f"crop_area must satisfy 0 < min <= max <= 1, got {self.crop_area!r}")
-        lo, hi = self.crop_aspect
-        if not 0 < lo <= hi:
-            raise InputError(f"crop_aspect must satisfy 0 < min <= max, got {self.crop_aspect!r}")
-        if not self.tau > 0:
-            raise InputError(f"tau must be > 0, got {self.tau!r}")
-        if not 0 <= self.alpha <= 1:
-            raise InputError(f"alpha must be in [0, 1], got {self.alpha!r}")
-        if self.weights not in ("image", "text"):
-            raise InputError(f"weights must be 'image' or 'text', got {self.weights!r}")
+        object.__setattr__(self, "crop_area", tuple(self.crop_area))
+        object.__setattr__(self, "crop_aspect", tuple(self.crop_aspect))
+        _ = self.crops, self.score  # building both parts validates every field
+
+    @property
+    def crops(self) -> CropConfig:
+        return CropConfig(self.num_crops, self.crop_mode, self.crop_area, self.crop_aspect, self.seed)
+
+    @property
+    def score(self) -> ScoreConfig:
+        return ScoreConfig(self.tau, self.alpha, self.weights)
+
+    @classmethod
+    def from_parts(cls, crops: CropConfig, score: ScoreConfig | None = None) -> "LaclipConfig":
+        score = score or ScoreConfig()
+        return cls(crops.num_crops, crops.crop_mode, crops.crop_area, crops.crop_aspect, score.tau, score.alpha,
+                   score.weights, crops.seed)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "LaclipConfig":
-        data = dict(data)
-        for key in ("crop_area", "crop_aspect"):
-            if key in data:
-                data[key] = tuple(data[key])
         return cls(**data)
 
     def crop_settings(self) -> tuple[Any, ...]:
         """The settings that change stored crop embeddings (scoring settings excluded)."""
-        return (self.num_crops, self.crop_mode, tuple(self.crop_area), tuple(self.crop_aspect), self.seed)
+        return astuple(self.crops)
 
 
-def crop_boxes(width: int, height: int, config: LaclipConfig, image_seed: int) -> list[tuple[int, int, int, int]]:
+def crop_boxes(width: int, height: int, config: CropConfig | LaclipConfig, image_seed: int) -> list[tuple[int, int, int, int]]:
     """K (left, top, right, bottom) boxes inside a width x height image, reproducible for a given image seed."""
     k = config.num_crops
     if config.crop_mode == "grid":

@@ -1,30 +1,38 @@
-"""`Retriever`: the Python API everything else (CLI, HTTP server, evaluation) is built on."""
+"""`Retriever`: the Python API everything else (CLI, HTTP server, evaluation) is built on.
+
+Every query runs the same stages: prepare (decode, crop, tokenize) -> encode (a tower) -> score over one
+immutable index snapshot (engine.index) -> hits (id, score, payload). `search_*_embeddings` are the last two
+stages on their own, for callers with their own encoder (the server's batchers, evaluation, imports).
+"""
 from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, NamedTuple, Sequence, Union
+from typing import Any, Iterator, NamedTuple, Sequence, Union
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import scoring
 from .backends import Encoder, TorchEncoder
 from .errors import IndexFormatError, InputError
-from .index import Id, Index, IndexManifest, check_ids
-from .laclip import LaclipConfig, crop_boxes
+from .ids import Id, check_ids, id_key
+from .index import AnnConfig, Index, IndexManifest, Snapshot
+from .index.search import Found
+from .index.thumbnails import make_thumbnail
+from .laclip import LaclipConfig, ScoreConfig, crop_boxes
 from .models import load_model
 from .preprocess import (DEFAULT_CONTEXT_LENGTH, DEFAULT_MAX_PIXELS, ImageInput, ImageTransform,
                          TokenizedTexts, Tokenizer, content_seed, load_image)
 
 
 class Hit(NamedTuple):
-    """One search result."""
+    """One search result: the id, its score and its payload (a dict, or None)."""
 
     id: Id
     score: float
+    payload: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -42,14 +50,20 @@ class ModelIdentity:
     model: str
     checkpoint_hash: str
     checkpoint_path: str | None = None
+    export_dir: str | None = None
 
 
 class Retriever:
-    """Encode, index and search images and Chinese texts with Chinese-CLIP, optionally with LACLIP scoring."""
+    """Encode, index and search images and Chinese texts with Chinese-CLIP, optionally with LACLIP scoring.
+
+    `laclip` fixes the crops images are encoded with (CropConfig) and the default scoring (ScoreConfig); every
+    search may pass its own `score=`. The index is in memory until `save(directory)` or `load(directory)` binds
+    it to a directory; from then on every add and delete is durable before it returns."""
 
     def __init__(self, encoder: Encoder, identity: ModelIdentity, *, laclip: LaclipConfig | None = None,
                  batch_size: int = 32, context_length: int = DEFAULT_CONTEXT_LENGTH,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool | None = None) -> None:
+                 max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool | None = None, dtype: str = "float32",
+                 ann: AnnConfig | None = None) -> None:
         if batch_size < 1:
             raise InputError(f"batch_size must be >= 1, got {batch_size}")
         self.encoder = encoder
@@ -60,12 +74,12 @@ class Retriever:
         self.progress = sys.stderr.isatty() if progress is None else progress
         self.transform = ImageTransform(encoder.input_resolution)
         self.tokenizer = Tokenizer(context_length)
-        self.index = Index(self._manifest())
+        self.index = Index(self._manifest(dtype, ann or AnnConfig()), device=str(getattr(encoder, "device", "cpu")))
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path | None = None, model: str = "ViT-B-16", device: str = "cpu",
                         laclip: LaclipConfig | None = None, precision: str = "fp32", *, random_weights: bool = False,
-                        **options) -> "Retriever":
+                        **options: Any) -> "Retriever":
         """Load cn_clip weights (a path, or the official file for `model` when None) into the torch backend.
 
         `random_weights=True` builds seeded random weights for any model (benchmarks and trials only)."""
@@ -77,50 +91,63 @@ class Retriever:
     @classmethod
     def from_export(cls, directory: str | Path, backend: str = "onnxruntime", device: str = "cpu",
                     laclip: LaclipConfig | None = None, *, model: str | None = None,
-                    backend_options: dict | None = None, **options) -> "Retriever":
+                    backend_options: dict | None = None, **options: Any) -> "Retriever":
         """Serve the towers of a `python -m export` directory (onnxruntime or tensorrt), same API and index identity."""
-        from export.serving import open_encoder
+        from .backends.export_reader import open_encoder
 
         encoder, manifest = open_encoder(directory, backend, device, model, **(backend_options or {}))
         options.setdefault("context_length", manifest.context_length)
-        return cls(encoder, ModelIdentity(manifest.model, manifest.checkpoint_hash, None), laclip=laclip, **options)
+        identity = ModelIdentity(manifest.model, manifest.checkpoint_hash, None, str(Path(directory).resolve()))
+        return cls(encoder, identity, laclip=laclip, **options)
 
     @classmethod
-    def load(cls, directory: str | Path, checkpoint: str | Path | None = None, device: str = "cpu",
-             **options) -> "Retriever":
-        """Open a saved index with the model and LACLIP settings it records (checkpoint overrides the path)."""
-        index = Index.load(directory)
+    def load(cls, directory: str | Path, checkpoint: str | Path | None = None, device: str = "cpu", *,
+             export: str | Path | None = None, backend: str = "onnxruntime", backend_options: dict | None = None,
+             **options: Any) -> "Retriever":
+        """Open a saved index with the model, crop and scoring settings it records, and bind to it.
+
+        The towers come from `checkpoint` (default: the path the index records) or from an `export` directory."""
+        index = Index.open(directory, device=device)
         meta = index.manifest
-        path = checkpoint if checkpoint is not None else meta.checkpoint_path
-        retriever = cls.from_checkpoint(path, meta.model, device=device, laclip=meta.laclip,
-                                        context_length=meta.context_length, **options)
+        settings = dict(laclip=meta.laclip, context_length=meta.context_length, dtype=meta.dtype, ann=meta.ann)
+        if export is not None:
+            retriever = cls.from_export(export, backend, device, model=meta.model, backend_options=backend_options,
+                                        **settings, **options)
+        else:
+            path = checkpoint if checkpoint is not None else meta.checkpoint_path
+            retriever = cls.from_checkpoint(path, meta.model, device=device, **settings, **options)
         retriever.attach(index, source=str(directory))
         return retriever
 
-    def _manifest(self) -> IndexManifest:
+    def _manifest(self, dtype: str, ann: AnnConfig) -> IndexManifest:
         return IndexManifest(self.identity.model, self.identity.checkpoint_hash, self.encoder.embed_dim,
-                             self.laclip, self.identity.checkpoint_path, self.tokenizer.context_length)
+                             self.laclip, self.identity.checkpoint_path, self.tokenizer.context_length,
+                             export_dir=self.identity.export_dir, dtype=dtype, ann=ann)
 
     def attach(self, index: Index, source: str = "<index>") -> None:
-        """Use `index`; refuse one made with another model, checkpoint, crop setting or context length."""
-        ours, theirs = self._manifest(), index.manifest
+        """Use `index`; refuse one made with another model, checkpoint, crop setting or context length.
+        The retriever's own scoring settings become the index's defaults (re-pooled lazily, nothing re-encoded)."""
+        theirs = index.manifest
+        ours = self._manifest(theirs.dtype, theirs.ann)
         checks = [("model", ours.model, theirs.model), ("checkpoint hash", ours.checkpoint_hash,
                   theirs.checkpoint_hash), ("embedding size", ours.embed_dim, theirs.embed_dim),
                   ("context length", ours.context_length, theirs.context_length),
-                  ("LACLIP crops", _crop_settings(ours.laclip), _crop_settings(theirs.laclip))]
+                  ("LACLIP crops", ours.crops, theirs.crops)]
         for what, mine, stored in checks:
             if mine != stored:
                 raise IndexFormatError(f"index {source} was built with {what} {stored!r}, "
                                        f"but this retriever has {mine!r}")
-        index.manifest.laclip = self.laclip
-        if self.laclip is not None and self.laclip.weights == "image" and index.image_ids:
-            fresh = scoring.pool(index.array("image_global"), index.array("image_crops"), self.laclip)
-            index._chunks["image_pooled"][:] = [fresh]
+        index.manifest = theirs.with_laclip(self.laclip)
         self.index = index
 
     def save(self, directory: str | Path) -> Path:
-        """Write the index atomically (see engine.index)."""
+        """Bind the index to `directory`: a full copy the first time, nothing when already bound there."""
         return self.index.save(directory)
+
+    @property
+    def directory(self) -> Path | None:
+        """Where adds and deletes are written through to (None: in memory only)."""
+        return self.index.directory
 
     # ---- encoding -------------------------------------------------------------------------------------------
 
@@ -148,7 +175,7 @@ class Retriever:
         decoded = load_image(image, self.max_pixels)
         views = [self.transform(decoded).unsqueeze(0)]
         if self.laclip is not None:
-            boxes = crop_boxes(decoded.width, decoded.height, self.laclip, content_seed(decoded))
+            boxes = crop_boxes(decoded.width, decoded.height, self.laclip.crops, content_seed(decoded))
             views.append(self.transform.crops(decoded, boxes))
         return torch.cat(views)
 
@@ -176,59 +203,144 @@ class Retriever:
 
     # ---- indexing -------------------------------------------------------------------------------------------
 
-    def add_images(self, images: Sequence[ImageInput], ids: Sequence[Id] | None = None) -> list[Id]:
-        """Encode and index images; ids default to file stems for paths and counters otherwise."""
+    def add_images(self, images: Sequence[ImageInput], ids: Sequence[Id] | None = None,
+                   payloads: Sequence[dict | None] | None = None) -> list[Id]:
+        """Encode and index images (all or nothing). Ids default to file stems for paths, counters otherwise.
+        Each payload gets "source" (the file name of a path input) under the caller's keys; a ~256 px JPEG
+        thumbnail is made from the decoded image and stored with it."""
         images = _as_list(images, None)
-        ids = self._new_ids(images, ids, self.index.image_ids, "images")
-        emb = self.encode_image_views(images)
-        pooled = None
-        if self.laclip is not None:
-            pooled = scoring.pool(emb.global_, emb.crops, self.laclip)
-        self.index.add_images(ids, emb.global_, emb.crops, pooled)
-        return ids
+        ids = self.new_ids(images, ids, "images")
+        user = _user_payloads(payloads, len(images))
+        decoded = [load_image(image, self.max_pixels) for image in images]
+        emb = self.encode_image_views(decoded)
+        merged = [{**({"source": Path(item).name} if isinstance(item, (str, Path)) else {}), **(extra or {})} or None
+                  for item, extra in zip(images, user)]
+        thumbs = [make_thumbnail(image) for image in decoded]
+        return self.index.add_images(ids, emb.global_, emb.crops, merged, thumbs)
 
-    def add_texts(self, texts: Sequence[str], ids: Sequence[Id] | None = None) -> list[Id]:
-        """Encode and index texts; ids default to counters."""
+    def add_texts(self, texts: Sequence[str], ids: Sequence[Id] | None = None,
+                  payloads: Sequence[dict | None] | None = None) -> list[Id]:
+        """Encode and index texts (all or nothing); ids default to counters; payloads get "text"."""
         texts = _as_list(texts, str)
-        ids = self._new_ids(texts, ids, self.index.text_ids, "texts")
-        self.index.add_texts(ids, self.encode_texts(texts))
-        return ids
+        ids = self.new_ids(texts, ids, "texts")
+        user = _user_payloads(payloads, len(texts))
+        merged = [{"text": text, **(extra or {})} for text, extra in zip(texts, user)]
+        return self.index.add_texts(ids, self.encode_texts(texts), merged)
 
-    @staticmethod
-    def _new_ids(items: Sequence, given: Sequence[Id] | None, existing: Sequence[Id], what: str) -> list[Id]:
-        """Validated ids for new items: `given`, or defaults (image file stems, else counters)."""
-        ids = check_ids(given if given is not None else _default_ids(items, existing, stems=what == "images"),
-                        existing)
-        if len(ids) != len(items):
-            raise InputError(f"{len(ids)} ids given for {len(items)} {what}")
-        return ids
+    def add_image_embeddings(self, ids: Sequence[Id], global_: np.ndarray, crops: np.ndarray | None = None,
+                             payloads: Sequence[dict | None] | None = None,
+                             thumbnails: Sequence[bytes | None] | None = None) -> list[Id]:
+        """Index images encoded elsewhere: global [n, D], crops [n, K, D] for a LACLIP index (checked; rows that
+        are not unit length are re-normalised with a warning)."""
+        return self.index.add_images(ids, global_, crops, payloads, thumbnails)
+
+    def add_text_embeddings(self, ids: Sequence[Id], embeddings: np.ndarray,
+                            payloads: Sequence[dict | None] | None = None) -> list[Id]:
+        """Index texts encoded elsewhere: embeddings [n, D] (checked and re-normalised like images)."""
+        return self.index.add_texts(ids, embeddings, payloads)
+
+    def delete_images(self, ids: Sequence[Id]) -> int:
+        """Delete images by id (an unknown id is an InputError and nothing is deleted); returns the count."""
+        return self.index.delete_images(ids)
+
+    def delete_texts(self, ids: Sequence[Id]) -> int:
+        """Delete texts by id (an unknown id is an InputError and nothing is deleted); returns the count."""
+        return self.index.delete_texts(ids)
+
+    def compact(self) -> None:
+        """Merge all segments into one and drop deleted rows (automatic compaction handles the usual case)."""
+        self.index.compact()
+
+    def stats(self) -> dict[str, Any]:
+        """Counts, segments, deleted rows, bytes on disk, ANN state."""
+        return self.index.stats()
+
+    def thumbnail(self, item: Id) -> bytes | None:
+        """JPEG bytes of a stored image's thumbnail (None if it has none); unknown id: InputError."""
+        return self.index.thumbnail(item)
+
+    def image_payload(self, item: Id) -> dict[str, Any] | None:
+        return self.index.payload("images", item)
+
+    def text_payload(self, item: Id) -> dict[str, Any] | None:
+        return self.index.payload("texts", item)
+
+    def new_ids(self, items: Sequence, given: Sequence[Id] | None, what: str) -> list[Id]:
+        """Validated ids for new `what` ("images" or "texts"): `given`, or defaults (image file stems, else
+        counters on from the largest int id). A caller that adds later should hold its write lock meanwhile."""
+        snap = self.index.snapshot()
+        ids = given if given is not None else _default_ids(items, snap, what)
+        checked = check_ids(ids, lambda key: snap.contains(what, key))
+        if len(checked) != len(items):
+            raise InputError(f"{len(checked)} ids given for {len(items)} {what}")
+        return checked
+
+    _new_ids = new_ids  # the name engine.serve.core calls today
 
     # ---- search ---------------------------------------------------------------------------------------------
 
-
-    def search_images(self, query: str | Sequence[str], k: int = 10) -> list[Hit] | list[list[Hit]]:
+    def search_images(self, query: str | Sequence[str], k: int = 10, *, exact: bool = False,
+                      score: ScoreConfig | None = None) -> list[Hit] | list[list[Hit]]:
         """Text -> image. A str gives its hits; a list of str gives one list of hits per query."""
         single = isinstance(query, str)
         queries = [query] if single else _as_list(query, str)
-        check_k(k, len(self.index.image_ids), "images")
-        t = self.encode_texts(queries)
-        idx = self.index
-        values, indices = scoring.topk_images(
-            t, idx.array("image_global"), idx.array("image_crops") if idx.has_crops else None,
-            idx.array("image_pooled") if idx.has_crops else None, self.laclip, k)
-        hits = to_hits(values, indices, idx.image_ids)
+        check_k(k, self.index.snapshot().live("images"), "images")
+        hits = self.search_image_embeddings(self.encode_texts(queries), k, exact=exact, score=score)
         return hits[0] if single else hits
 
-    def search_texts(self, image: ImageInput | Sequence[ImageInput], k: int = 10) -> list[Hit] | list[list[Hit]]:
+    def search_texts(self, image: ImageInput | Sequence[ImageInput], k: int = 10, *, exact: bool = False,
+                     score: ScoreConfig | None = None) -> list[Hit] | list[list[Hit]]:
         """Image -> text. One image gives its hits; a list of images gives one list of hits per image."""
         single = not isinstance(image, (list, tuple))
         images = [image] if single else list(image)
-        check_k(k, len(self.index.text_ids), "texts")
+        check_k(k, self.index.snapshot().live("texts"), "texts")
         emb = self.encode_image_views(images)
-        scores = scoring.score_texts(self.index.array("text_emb"), emb.global_, emb.crops, self.laclip)
-        values, indices = scoring.topk_rows(scores, k)
-        hits = to_hits(values, indices, self.index.text_ids)
+        hits = self.search_text_embeddings(emb.global_, emb.crops, k, exact=exact, score=score)
         return hits[0] if single else hits
+
+    def search_image_embeddings(self, text_vectors: np.ndarray, k: int = 10, *, exact: bool = False,
+                                score: ScoreConfig | None = None) -> list[list[Hit]]:
+        """Top-k images for each text vector [Q, D] (L2-normalised) under `score` (None: the retriever's own)."""
+        t = _query_vectors(text_vectors, self.encoder.embed_dim, "text vectors")
+        snap = self.index.snapshot()
+        check_k(k, snap.live("images"), "images")
+        found = self.index.search_images(t, k, score=self._score(score), exact=exact, snapshot=snap)
+        return to_hits(found, snap, "images")
+
+    def search_text_embeddings(self, global_: np.ndarray, crops: np.ndarray | None = None, k: int = 10, *,
+                               exact: bool = False, score: ScoreConfig | None = None) -> list[list[Hit]]:
+        """Top-k texts for each query image (global [Q, D], crops [Q, K, D] for LACLIP scoring)."""
+        g = _query_vectors(global_, self.encoder.embed_dim, "image vectors")
+        snap = self.index.snapshot()
+        check_k(k, snap.live("texts"), "texts")
+        found = self.index.search_texts(g, crops, k, score=self._score(score), exact=exact, snapshot=snap)
+        return to_hits(found, snap, "texts")
+
+    def search_similar(self, id_or_image: Id | ImageInput, k: int = 10, *, exact: bool = False) -> list[Hit]:
+        """Image -> image by global embeddings. An indexed id uses its stored vector (nothing re-encoded) and is
+        left out of its own hits; anything else is an image (path, bytes, PIL)."""
+        snap = self.index.snapshot()
+        by_id = isinstance(id_or_image, (int, str)) and not isinstance(id_or_image, bool) and \
+            snap.contains("images", id_key(id_or_image))
+        if by_id:
+            vector, _ = self.index.vector("images", id_or_image)
+            check_k(k, snap.live("images") - 1, "other images")
+            found = self.index.search_images(vector[None], k + 1, score=None, exact=exact, snapshot=snap)[0]
+            hits = [h for h in to_hits([found], snap, "images")[0] if id_key(h.id) != id_key(id_or_image)]
+            return hits[:k]
+        if isinstance(id_or_image, int) and not isinstance(id_or_image, bool):
+            raise InputError(f"unknown image id {id_or_image!r}")
+        check_k(k, snap.live("images"), "images")
+        vector = self.encode_images([id_or_image])
+        return to_hits(self.index.search_images(vector, k, score=None, exact=exact, snapshot=snap), snap, "images")[0]
+
+    def _score(self, score: ScoreConfig | LaclipConfig | None) -> ScoreConfig | None:
+        """The scoring for one call: `score`, else the retriever's own (None: plain CLIP)."""
+        if isinstance(score, LaclipConfig):
+            return score.score
+        if score is not None and not isinstance(score, ScoreConfig):
+            raise InputError(f"score must be a ScoreConfig, got {type(score).__name__}")
+        return score if score is not None else (self.laclip.score if self.laclip else None)
 
 
 def check_k(k: int, size: int, what: str) -> None:
@@ -239,12 +351,12 @@ def check_k(k: int, size: int, what: str) -> None:
         raise InputError(f"k must be an int in 1..{size} (indexed {what}), got {k!r}")
 
 
-def _default_ids(items: Sequence, existing: Sequence[Id], stems: bool) -> list[Id]:
-    """File stems for paths (when `stems`), else integers counting on from the largest int id."""
-    counter = 1 + max([i for i in existing if isinstance(i, int)], default=-1)
+def _default_ids(items: Sequence, snap: Snapshot, what: str) -> list[Id]:
+    """File stems for image paths, else integers counting on from the largest int id ever used in the index."""
+    counter = 1 + snap.max_int_id(what)
     out: list[Id] = []
     for item in items:
-        if stems and isinstance(item, (str, Path)):
+        if what == "images" and isinstance(item, (str, Path)):
             out.append(Path(item).stem)
         else:
             out.append(counter)
@@ -252,13 +364,37 @@ def _default_ids(items: Sequence, existing: Sequence[Id], stems: bool) -> list[I
     return out
 
 
-def _crop_settings(config: LaclipConfig | None) -> tuple | None:
-    return config.crop_settings() if config is not None else None
+def _user_payloads(payloads: Sequence[dict | None] | None, n: int) -> list[dict | None]:
+    if payloads is None:
+        return [None] * n
+    if isinstance(payloads, (dict, str, bytes)) or not hasattr(payloads, "__len__") or len(payloads) != n:
+        raise InputError(f"payloads must be a list of {n} dicts (or None), one per item")
+    for position, payload in enumerate(payloads):
+        if payload is not None and not isinstance(payload, dict):
+            raise InputError(f"payload #{position} must be a dict, got {type(payload).__name__}")
+    return list(payloads)
 
 
-def to_hits(values: np.ndarray, indices: np.ndarray, ids: Sequence[Id]) -> list[list[Hit]]:
-    """Top-k (values, indices) rows as lists of Hit(id, score)."""
-    return [[Hit(ids[int(i)], float(v)) for v, i in zip(vrow, irow)] for vrow, irow in zip(values, indices)]
+def _query_vectors(vectors: Any, dim: int, what: str) -> np.ndarray:
+    try:
+        array = np.asarray(vectors, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{what}: not a numeric array ({exc})") from None
+    if array.ndim != 2 or array.shape[1] != dim or not len(array):
+        raise InputError(f"{what}: expected shape [Q >= 1, {dim}], got {list(array.shape)}")
+    if not np.isfinite(array).all():
+        raise InputError(f"{what}: NaN or infinite values")
+    return array
+
+
+def to_hits(found: list[Found], snap: Snapshot, kind: str) -> list[list[Hit]]:
+    """Search results as lists of Hit(id, score, payload)."""
+    out = []
+    for f in found:
+        parts = [snap.part_at(kind, int(p)) for p in f.positions]
+        out.append([Hit(part.id_at(int(r)), float(v), part.payload(int(r)))
+                    for part, v, r in zip(parts, f.scores, f.rows)])
+    return out
 
 
 def _as_list(items: Union[Sequence, object], kind: type | None) -> list:

@@ -5,38 +5,47 @@ Query-aware weights do not collapse to a pooled vector, so they go to the fused 
 """
 from __future__ import annotations
 
+from typing import Union
+
 import numpy as np
 import torch
 
 from . import ops
-from .index import topk_rows
-from .laclip import LaclipConfig, laclip_scores_reference, pooled_vectors
+from .index.topk import topk_rows
+from .laclip import LaclipConfig, ScoreConfig, laclip_scores_reference, pooled_vectors
 
 _REFERENCE_CHUNK_ELEMENTS = 1 << 24  # bound the reference's [Q, n, K] intermediate when the kernel is absent
 
 
-def pool(g: np.ndarray, c: np.ndarray, config: LaclipConfig) -> np.ndarray:
-    """[N, D] pooled vectors for image-conditioned weights."""
-    p = pooled_vectors(torch.from_numpy(g), torch.from_numpy(c), alpha=config.alpha, tau=config.tau)
-    return p.numpy().astype(np.float32, copy=False)
+Settings = Union[ScoreConfig, LaclipConfig]
 
 
-def query_aware_scores(t: np.ndarray, g: np.ndarray, c: np.ndarray, config: LaclipConfig) -> np.ndarray:
-    """[Q, N] scores with text-conditioned weights: the native kernel, or the reference in bounded chunks."""
-    tt, gg, cc = (torch.from_numpy(np.ascontiguousarray(x)) for x in (t, g, c))
-    if ops.extension_available():
-        return ops.laclip_scores(tt, gg, cc, alpha=config.alpha, tau=config.tau, weights="text").numpy()
+def pool(g: np.ndarray, c: np.ndarray, config: Settings) -> np.ndarray:
+    """[N, D] float32 pooled vectors for image-conditioned weights (fp16 rows are widened first)."""
+    g, c = (torch.from_numpy(np.asarray(x, dtype=np.float32)) for x in (g, c))
+    return pooled_vectors(g, c, alpha=config.alpha, tau=config.tau).numpy()
+
+
+def query_aware_tensor(t: torch.Tensor, g: torch.Tensor, c: torch.Tensor, config: Settings) -> torch.Tensor:
+    """[Q, N] float32 text-conditioned scores: the fused kernel in the rows' dtype and device when it is built,
+    else the PyTorch reference in bounded chunks."""
+    if ops.extension_available() and (g.device.type == "cpu" or ops.cuda_available()):
+        return ops.laclip_scores(t.to(g.dtype), g, c.to(g.dtype), alpha=config.alpha, tau=config.tau,
+                                 weights="text")
     chunk = max(1, _REFERENCE_CHUNK_ELEMENTS // max(1, len(t) * c.shape[1]))
-    parts = [
-        laclip_scores_reference(tt, gg[i:i + chunk], cc[i:i + chunk], alpha=config.alpha, tau=config.tau,
-                                weights="text")
-        for i in range(0, len(g), chunk)
-    ]
-    return torch.cat(parts, dim=1).numpy()
+    parts = [laclip_scores_reference(t, g[i:i + chunk], c[i:i + chunk], alpha=config.alpha, tau=config.tau,
+                                     weights="text") for i in range(0, len(g), chunk)]
+    return torch.cat(parts, dim=1) if parts else torch.zeros((len(t), 0), device=t.device)
+
+
+def query_aware_scores(t: np.ndarray, g: np.ndarray, c: np.ndarray, config: Settings) -> np.ndarray:
+    """[Q, N] scores with text-conditioned weights (numpy in and out)."""
+    tt, gg, cc = (torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)) for x in (t, g, c))
+    return query_aware_tensor(tt, gg, cc, config).numpy()
 
 
 def score_images(t: np.ndarray, g: np.ndarray, c: np.ndarray | None, p: np.ndarray | None,
-                 config: LaclipConfig | None) -> np.ndarray:
+                 config: Settings | None) -> np.ndarray:
     """[Q, N] scores of Q text queries against N images under `config` (None = global CLIP)."""
     if config is None:
         return t @ g.T
@@ -46,7 +55,7 @@ def score_images(t: np.ndarray, g: np.ndarray, c: np.ndarray | None, p: np.ndarr
 
 
 def topk_images(t: np.ndarray, g: np.ndarray, c: np.ndarray | None, p: np.ndarray | None,
-                config: LaclipConfig | None, k: int) -> tuple[np.ndarray, np.ndarray]:
+                config: Settings | None, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-k images per text query; query-aware LACLIP uses the fused top-k kernel (no [Q, N] matrix)."""
     if config is not None and config.weights == "text" and ops.extension_available():
         values, indices = ops.laclip_topk(torch.from_numpy(t), torch.from_numpy(g), torch.from_numpy(c), k=k,
@@ -55,7 +64,7 @@ def topk_images(t: np.ndarray, g: np.ndarray, c: np.ndarray | None, p: np.ndarra
     return topk_rows(score_images(t, g, c, p, config), k)
 
 
-def score_texts(t: np.ndarray, g: np.ndarray, c: np.ndarray | None, config: LaclipConfig | None) -> np.ndarray:
+def score_texts(t: np.ndarray, g: np.ndarray, c: np.ndarray | None, config: Settings | None) -> np.ndarray:
     """[Q, M] scores of Q query images (g [Q, D], c [Q, K, D]) against M stored texts t [M, D]."""
     if config is None:
         return g @ t.T

@@ -116,3 +116,26 @@ def test_same_image_twice_gives_identical_crops_and_embeddings(tiny_checkpoint, 
     assert first.crops.shape == (1, 3, 32)
     assert np.array_equal(first.global_, second.global_) and np.array_equal(first.crops, second.crops)
     assert not np.allclose(first.crops[0, 0], first.crops[0, 1])
+
+
+def test_settings_split_into_crop_and_score_parts():
+    from engine.laclip import CropConfig, ScoreConfig
+
+    config = LaclipConfig(num_crops=9, crop_mode="grid", tau=0.05, alpha=0.2, weights="text", seed=3)
+    assert config.crops == CropConfig(num_crops=9, crop_mode="grid", seed=3)
+    assert config.score == ScoreConfig(tau=0.05, alpha=0.2, weights="text")
+    assert LaclipConfig.from_parts(config.crops, config.score) == config
+    assert LaclipConfig.from_dict(config.to_dict()) == config
+    assert ScoreConfig(alpha=1.0).plain and not ScoreConfig().plain
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: __import__("engine").ScoreConfig(tau=float("nan")), "tau"),
+    (lambda: __import__("engine").ScoreConfig(alpha=True), "alpha must be a number"),
+    (lambda: __import__("engine").ScoreConfig(weights="crop"), "weights"),
+    (lambda: __import__("engine").CropConfig(num_crops=3, crop_mode="grid"), "square"),
+    (lambda: LaclipConfig(tau=-1), "tau"),
+])
+def test_bad_settings_are_named(make, message):
+    with pytest.raises(InputError, match=message):
+        make()

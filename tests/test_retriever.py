@@ -197,3 +197,101 @@ def test_kernel_and_pooled_gemm_paths_rank_alike():
                                                     k=50, alpha=config.alpha, tau=config.tau, weights="image")
     assert np.array_equal(kernel_indices.numpy(), gemm_indices)
     assert np.allclose(kernel_values.numpy(), gemm_values, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def laclip_bound(tiny_checkpoint, image_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bound") / "idx"
+    retriever = Retriever.from_checkpoint(tiny_checkpoint, model="tiny", laclip=MODES["laclip-text"], progress=False)
+    retriever.add_images(list_images(image_dir)[:6], payloads=[{"album": "a"}] + [None] * 5)
+    retriever.add_texts(SAMPLE_TEXTS, payloads=[{"lang": "zh"}] + [None] * (len(SAMPLE_TEXTS) - 1))
+    retriever.save(root)
+    return retriever, root
+
+
+def test_hits_carry_payloads_and_images_keep_thumbnails(laclip_bound, image_dir):
+    from PIL import Image
+
+    retriever, _ = laclip_bound
+    first = list_images(image_dir)[0]
+    assert retriever.image_payload(first.stem) == {"source": first.name, "album": "a"}
+    assert retriever.text_payload(0) == {"text": SAMPLE_TEXTS[0], "lang": "zh"}
+    hits = retriever.search_texts(first, k=3)
+    assert all(h.payload["text"] == SAMPLE_TEXTS[h.id] for h in hits)
+    thumb = Image.open(__import__("io").BytesIO(retriever.thumbnail(first.stem)))
+    assert thumb.format == "JPEG" and max(thumb.size) <= 256
+    with pytest.raises(InputError, match="unknown image id 'nope'"):
+        retriever.thumbnail("nope")
+
+
+def test_per_call_scoring_equals_a_retriever_with_those_settings(laclip_bound, tiny_checkpoint):
+    from engine.laclip import ScoreConfig
+
+    retriever, _ = laclip_bound
+    other = ScoreConfig(tau=1.0, alpha=0.0, weights="image")
+    twin = Retriever.from_checkpoint(tiny_checkpoint, model="tiny", progress=False,
+                                     laclip=LaclipConfig.from_parts(retriever.laclip.crops, other))
+    twin.attach(retriever.index)
+    assert retriever.search_images("飞天", k=5, score=other) == twin.search_images("飞天", k=5)
+    plain = retriever.search_images("飞天", k=5, score=ScoreConfig(alpha=1.0))
+    t = retriever.encode_texts(["飞天"])
+    assert np.allclose([h.score for h in plain], np.sort(t @ retriever.index.array("image_global").T)[0][::-1][:5],
+                       atol=1e-5)
+    retriever.attach(retriever.index)  # the shared index gets the retriever's own defaults back
+
+
+def test_embedding_stages_equal_the_one_call_search(laclip_bound, image_dir):
+    retriever, _ = laclip_bound
+    t = retriever.encode_texts(["飞天", "牡丹"])
+    assert retriever.search_image_embeddings(t, k=4) == retriever.search_images(["飞天", "牡丹"], k=4)
+    emb = retriever.encode_image_views(list_images(image_dir)[:2])
+    assert retriever.search_text_embeddings(emb.global_, emb.crops, k=3) == \
+        retriever.search_texts(list_images(image_dir)[:2], k=3)
+    assert retriever.search_images("飞天", k=4, exact=True) == retriever.search_images("飞天", k=4)
+    with pytest.raises(InputError, match=r"expected shape \[Q >= 1, 32\]"):
+        retriever.search_image_embeddings(np.zeros((1, 31), np.float32))
+
+
+def test_search_similar_by_id_leaves_the_image_out(laclip_bound, image_dir):
+    retriever, _ = laclip_bound
+    stem = list_images(image_dir)[2].stem
+    hits = retriever.search_similar(stem, k=5)
+    assert len(hits) == 5 and stem not in [h.id for h in hits]
+    g = retriever.index.array("image_global")
+    ids = retriever.index.image_ids
+    own = g[ids.index(stem)]
+    expected = [ids[i] for i in np.argsort(-(g @ own), kind="stable") if ids[i] != stem][:5]
+    assert [h.id for h in hits] == expected
+    by_image = retriever.search_similar(list_images(image_dir)[2], k=1)
+    assert by_image[0].id == stem and by_image[0].score == pytest.approx(1.0, abs=1e-4)
+
+
+def test_bound_retriever_writes_through_and_deletes(laclip_bound, tmp_path, tiny_checkpoint):
+    import shutil
+
+    _, root = laclip_bound
+    shutil.copytree(root, tmp_path / "idx")
+    retriever = Retriever.load(tmp_path / "idx", progress=False)
+    assert retriever.directory == tmp_path / "idx"
+    retriever.add_texts(["新的一句话"], ids=["new"])
+    assert retriever.delete_images([retriever.index.image_ids[0]]) == 1
+    with pytest.raises(InputError, match="unknown image id 'ghost'"):
+        retriever.delete_images(["ghost"])
+    reopened = Retriever.load(tmp_path / "idx", progress=False)
+    assert reopened.index.text_ids == retriever.index.text_ids and "new" in reopened.index.text_ids
+    assert reopened.index.image_ids == retriever.index.image_ids and len(reopened.index.image_ids) == 5
+    stats = reopened.stats()
+    assert stats["images"] == 5 and stats["bytes_on_disk"] > 0 and stats["directory"] == str(tmp_path / "idx")
+    reopened.compact()
+    assert reopened.stats()["segments"] == 1 and Retriever.load(tmp_path / "idx").index.text_ids[-1] == "new"
+
+
+def test_imported_embeddings_are_searchable(tiny_checkpoint):
+    retriever = Retriever.from_checkpoint(tiny_checkpoint, model="tiny", progress=False)
+    g = np.random.default_rng(0).standard_normal((4, 32)).astype(np.float32)
+    with pytest.warns(UserWarning, match="re-normalising"):
+        retriever.add_image_embeddings(["a", "b", "c", "d"], g, payloads=[{"n": 1}, None, None, None])
+    hits = retriever.search_image_embeddings(g[:1] / np.linalg.norm(g[0]), k=1)
+    assert hits[0][0].id == "a" and hits[0][0].payload == {"n": 1}
+    with pytest.raises(InputError, match="row #0 holds a NaN"):
+        retriever.add_text_embeddings(["x"], np.full((1, 32), np.nan, np.float32))

@@ -1,0 +1,214 @@
+"""Durable files: the segment container (many named arrays in one memory-mapped file) and atomic small writes.
+
+A container is `MAGIC | u64 header length | JSON header | columns`, each column 64-byte aligned. The header
+names every column's dtype, shape, offset, size and CRC-32, plus free-form metadata. Opening maps the file
+once and returns zero-copy views, so opening costs the header, not the rows; `verify_container` reads
+everything and checks the CRCs. One file per segment keeps an add at one data fsync.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from ..errors import IndexFormatError
+
+MAGIC = b"CNCLIPSG"
+_ALIGN = 64
+_DTYPES = {"float32", "float16", "int64", "uint64", "uint8", "bool"}
+_CHUNK_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Rows of one or more arrays, concatenated, taken in `order` (all of them in turn when None), cast to `dtype`.
+
+    Lets a writer stream gathered, reordered or down-cast rows (compaction, IVF order, fp16 storage) in chunks
+    instead of materialising them."""
+
+    pieces: Sequence[tuple[np.ndarray, np.ndarray | None]]
+    dtype: np.dtype
+    order: np.ndarray | None = None
+
+    @classmethod
+    def of(cls, array: np.ndarray, dtype: Any = None, order: np.ndarray | None = None) -> "Rows":
+        return cls([(array, None)], np.dtype(dtype or array.dtype), order)
+
+    @property
+    def _lengths(self) -> list[int]:
+        return [len(a) if rows is None else len(rows) for a, rows in self.pieces]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        n = len(self.order) if self.order is not None else sum(self._lengths)
+        return (n, *self.pieces[0][0].shape[1:])
+
+    def take(self, positions: np.ndarray) -> np.ndarray:
+        """The rows at `positions` of the concatenation, in that order, as `dtype`."""
+        starts = np.cumsum([0, *self._lengths])
+        out = np.empty((len(positions), *self.shape[1:]), dtype=self.dtype)
+        piece_of = np.searchsorted(starts, positions, side="right") - 1
+        for p, (array, rows) in enumerate(self.pieces):
+            mask = piece_of == p
+            if not mask.any():
+                continue
+            local = positions[mask] - starts[p]
+            source = local if rows is None else rows[local]
+            out[mask] = _gather(array, source)
+        return out
+
+    def chunks(self) -> Iterator[np.ndarray]:
+        n = self.shape[0]
+        row_bytes = max(1, int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize)
+        step = max(1, _CHUNK_BYTES // row_bytes)
+        for start in range(0, n, step):
+            stop = min(n, start + step)
+            positions = self.order[start:stop] if self.order is not None else np.arange(start, stop)
+            yield self.take(positions)
+
+
+def _gather(array: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """array[rows], reading a contiguous slice when the rows are consecutive (memory-mapped sources)."""
+    if len(rows) and rows[-1] - rows[0] == len(rows) - 1 and np.all(np.diff(rows) == 1):
+        return array[rows[0]:rows[-1] + 1]
+    return array[rows]
+
+
+def write_container(path: Path, columns: dict[str, np.ndarray | Rows], meta: dict[str, Any]) -> None:
+    """Write a container file and fsync it (the caller renames it into place and fsyncs the folder)."""
+    sources = {name: value if isinstance(value, Rows) else Rows.of(np.asarray(value))
+               for name, value in columns.items()}
+    layout, offset = {}, 0
+    for name, rows in sources.items():
+        if rows.dtype.name not in _DTYPES:
+            raise TypeError(f"column {name}: unsupported dtype {rows.dtype}")
+        nbytes = int(np.prod(rows.shape, dtype=np.int64)) * rows.dtype.itemsize
+        layout[name] = {"dtype": rows.dtype.name, "shape": list(rows.shape), "offset": offset, "nbytes": nbytes}
+        offset += _aligned(nbytes)
+    crcs: dict[str, int] = {}
+    header_len = _aligned(len(_header(meta, layout, {name: 0xFFFFFFFF for name in layout})) + 16)
+    with open(path, "wb") as f:
+        f.seek(header_len)
+        for name, rows in sources.items():
+            crc = 0
+            for chunk in rows.chunks():
+                data = memoryview(np.ascontiguousarray(chunk, dtype=rows.dtype)).cast("B")
+                crc = zlib.crc32(data, crc)
+                f.write(data)
+            f.write(b"\0" * (_aligned(layout[name]["nbytes"]) - layout[name]["nbytes"]))
+            crcs[name] = crc
+        header = _header(meta, layout, crcs)
+        header += b" " * (header_len - 16 - len(header))  # the reserved area: data starts at header_len
+        f.seek(0)
+        f.write(MAGIC + struct.pack("<Q", len(header)) + header)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _header(meta: dict[str, Any], layout: dict[str, dict], crcs: dict[str, int]) -> bytes:
+    columns = {name: {**spec, "crc32": crcs[name]} for name, spec in layout.items()}
+    return json.dumps({"meta": meta, "columns": columns}, ensure_ascii=False, sort_keys=True).encode()
+
+
+def _aligned(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+def read_container(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(meta, read-only column views over one memory map); an IndexFormatError names the file and the fault."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(16)
+            if len(head) < 16 or head[:8] != MAGIC:
+                raise IndexFormatError(f"{path}: not a segment file (bad magic or truncated)")
+            (length,) = struct.unpack("<Q", head[8:])
+            if length > size - 16:
+                raise IndexFormatError(f"{path}: truncated header")
+            header = json.loads(f.read(length))
+        meta, columns = header["meta"], header["columns"]
+        data_start = _aligned(16 + length)
+        # copy-on-write mapping: never written, but writeable views hand to torch without a copy or a warning
+        raw = np.memmap(path, dtype=np.uint8, mode="c") if size else np.zeros(0, np.uint8)
+        end = data_start + max((int(c["offset"]) + _aligned(int(c["nbytes"])) for c in columns.values()), default=0)
+        if size != end:
+            raise IndexFormatError(f"{path}: {size} bytes, the header describes {end} (truncated or damaged)")
+        views = {}
+        for name, spec in columns.items():
+            dtype, shape = np.dtype(spec["dtype"]), tuple(int(x) for x in spec["shape"])
+            start, nbytes = data_start + int(spec["offset"]), int(spec["nbytes"])
+            if spec["dtype"] not in _DTYPES or nbytes != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+                raise IndexFormatError(f"{path}: column {name} has an inconsistent dtype/shape/size")
+            if start + nbytes > size:
+                raise IndexFormatError(f"{path}: column {name} runs past the end of the file (truncated)")
+            views[name] = raw[start:start + nbytes].view(dtype).reshape(shape)
+        return meta, views
+    except IndexFormatError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise IndexFormatError(f"{path}: damaged segment file ({exc.__class__.__name__}: {exc})") from exc
+
+
+def verify_container(path: Path) -> None:
+    """Read every column and compare its CRC-32 with the header's; an IndexFormatError names the column."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(8)
+            (length,) = struct.unpack("<Q", f.read(8))
+            columns = json.loads(f.read(length))["columns"]
+    except (OSError, ValueError, KeyError, struct.error) as exc:
+        raise IndexFormatError(f"{path}: damaged segment file ({exc})") from exc
+    _, views = read_container(path)
+    for name, spec in columns.items():
+        flat = views[name].reshape(-1).view(np.uint8)
+        crc = 0
+        for start in range(0, len(flat), _CHUNK_BYTES):
+            crc = zlib.crc32(memoryview(np.ascontiguousarray(flat[start:start + _CHUNK_BYTES])), crc)
+        if crc != spec["crc32"]:
+            raise IndexFormatError(f"{path}: column {name} fails its checksum (damaged)")
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Replace `path` by `data` as JSON, atomically and durably (see write_bytes_atomic)."""
+    write_bytes_atomic(path, json.dumps(data, ensure_ascii=False).encode("utf-8"))
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Replace `path` by `data` atomically and durably: write a temporary, fsync, rename, fsync the folder."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def write_array(path: Path, array: np.ndarray) -> None:
+    """Write a .npy file under a fresh name and fsync it (removed again if that fails)."""
+    try:
+        with open(path, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
