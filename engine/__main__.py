@@ -1,4 +1,4 @@
-"""`python -m engine index|search`: build an index from a folder, or query a saved one."""
+"""`python -m engine index|search|upgrade`: build or extend an index (one process or Ray), query it, upgrade it."""
 from .cli import main
 
 raise SystemExit(main())

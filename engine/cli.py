@@ -1,4 +1,5 @@
-"""Command line over the Retriever API: `index` a gallery folder, `search` a saved index."""
+"""Command line over the Retriever API: `index` a collection (in one process or on Ray), `search` a saved
+index, `upgrade` an index written in the previous on-disk format."""
 from __future__ import annotations
 
 import argparse
@@ -7,10 +8,9 @@ import sys
 from typing import Sequence
 
 from .errors import EngineError
-from .gallery import list_images, read_texts_jsonl
+from .eval.datasets import DatasetError
 from .laclip import LaclipConfig
 from .models import available_models
-from .retriever import Hit, Retriever
 
 
 def add_laclip_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,15 +38,7 @@ def laclip_from_args(args: argparse.Namespace) -> LaclipConfig | None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    index = sub.add_parser("index", help="encode a folder of images (and texts) into an index directory")
-    index.add_argument("--model", default="ViT-B-16", choices=available_models())
-    index.add_argument("--checkpoint", help="cn_clip checkpoint (.pt); default: the official weights")
-    index.add_argument("--images", required=True, help="folder of images; ids are the file stems")
-    index.add_argument("--texts", help="JSON lines {\"text_id\": ..., \"text\": ...}")
-    index.add_argument("--out", required=True, help="index directory to write")
-    index.add_argument("--device", default="cpu")
-    index.add_argument("--batch-size", type=int, default=32)
-    add_laclip_arguments(index)
+    _index_parser(sub.add_parser("index", help="encode images (and texts), or import embeddings, into an index"))
     search = sub.add_parser("search", help="query a saved index")
     search.add_argument("--index", required=True)
     query = search.add_mutually_exclusive_group(required=True)
@@ -56,38 +48,104 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--checkpoint", help="override the checkpoint path the index records")
     search.add_argument("--device", default="cpu")
     search.add_argument("--json", action="store_true", help="print hits as JSON")
+    upgrade = sub.add_parser("upgrade", help="convert an index in the previous format (CURRENT + snapshot) in place")
+    upgrade.add_argument("directory")
+    upgrade.add_argument("--drop-texts", action="store_true",
+                         help="drop texts encoded with the old text pipeline (re-encode them afterwards)")
     return parser
 
 
+def _index_parser(index: argparse.ArgumentParser) -> None:
+    index.add_argument("--model", default="ViT-B-16", choices=available_models())
+    index.add_argument("--checkpoint", help="cn_clip checkpoint (.pt); default: the official weights")
+    index.add_argument("--random-weights", action="store_true", help="seeded random weights (trials, benchmarks)")
+    index.add_argument("--out", required=True, help="index directory (created, or resumed when it exists)")
+    what = index.add_argument_group("what to index (at least one)")
+    what.add_argument("--images", nargs="+", metavar="SOURCE",
+                      help="image folders (recursive; id = relative path without suffix), list files of paths, "
+                           "cn_clip {split}_imgs.tsv files, WebDataset .tar shards")
+    what.add_argument("--source-kind", choices=["auto", "folder", "list", "tsv", "tar"], default="auto",
+                      help="how to read every SOURCE (auto: by what it is)")
+    what.add_argument("--texts", help="JSON lines {\"text_id\": ..., \"text\": ...}")
+    what.add_argument("--features", nargs="+", metavar="FILE",
+                      help="embeddings computed elsewhere: cn_clip extract_features.py jsonl, or a .npy "
+                           "(with --feature-ids and --feature-kind)")
+    what.add_argument("--feature-ids", help="ids of a .npy features file, one per line in row order")
+    what.add_argument("--feature-kind", choices=["image", "text"], help="what a .npy features file holds")
+    run = index.add_argument_group("running")
+    run.add_argument("--device", default="cpu", help="device of the single-process run")
+    run.add_argument("--batch-size", type=int, default=32, help="images per encode batch")
+    run.add_argument("--segment-rows", type=int, default=1024, help="images per written segment")
+    run.add_argument("--skip-bad", action="store_true",
+                     help="skip bad images (each reported with its file, tar member or tsv line) instead of failing")
+    run.add_argument("--progress-every", type=int, default=1000,
+                     help="without a terminal, print a progress line every N images")
+    run.add_argument("--quiet", action="store_true", help="no progress output")
+    ray = index.add_argument_group("Ray (pip install -e \".[distributed]\")")
+    ray.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                     help="run on Ray: no value or 'local' starts a local Ray; 'auto' joins this machine's "
+                          "cluster; ray://HOST:10001 or HOST:6379 joins that cluster")
+    ray.add_argument("--workers", type=int, default=1, help="encode workers (one model each)")
+    ray.add_argument("--gpus-per-worker", type=float, help="default: 1 when the cluster has GPUs, else 0")
+    ray.add_argument("--cpus-per-worker", type=float, default=1.0)
+    add_laclip_arguments(index)
+
+
 def run_index(args: argparse.Namespace) -> int:
-    retriever = Retriever.from_checkpoint(args.checkpoint, model=args.model, device=args.device,
-                                          laclip=laclip_from_args(args), batch_size=args.batch_size)
-    images = list_images(args.images)
-    retriever.add_images(images)
-    if args.texts:
-        ids, texts = read_texts_jsonl(args.texts)
-        retriever.add_texts(texts, ids)
-    retriever.save(args.out)
-    print(f"indexed {len(retriever.index.image_ids)} images and {len(retriever.index.text_ids)} texts -> {args.out}")
+    from .distributed import IndexJob, RayOptions, index_collection
+    from .features_io import FeatureFile
+
+    if not (args.images or args.texts or args.features):
+        raise EngineError("nothing to index: give --images, --texts and/or --features")
+    if args.ray is not None and not args.images:
+        raise EngineError("--ray distributes image encoding: give --images")
+    ray = None if args.ray is None else RayOptions(args.ray, args.workers, args.gpus_per_worker, args.cpus_per_worker)
+    features = [FeatureFile(path, args.feature_ids, args.feature_kind) for path in args.features or []]
+    job = IndexJob(images=args.images or [], out=args.out, model=args.model, checkpoint=args.checkpoint,
+                   random_weights=args.random_weights, laclip=laclip_from_args(args), texts=args.texts,
+                   features=features, source_kind=args.source_kind, device=args.device, batch_size=args.batch_size,
+                   segment_rows=args.segment_rows, skip_bad=args.skip_bad, ray=ray, progress=not args.quiet,
+                   progress_every=args.progress_every)
+    report = index_collection(job)
+    for problem in report.problems:
+        print(f"skipped: {problem}", file=sys.stderr)
+    print(f"{report.summary()} -> {args.out}")
     return 0
 
 
 def run_search(args: argparse.Namespace) -> int:
+    from .retriever import Retriever
+
     retriever = Retriever.load(args.index, checkpoint=args.checkpoint, device=args.device)
-    hits: list[Hit] = (retriever.search_images(args.text, k=args.k) if args.text is not None
-                       else retriever.search_texts(args.image, k=args.k))
+    hits = (retriever.search_images(args.text, k=args.k) if args.text is not None
+            else retriever.search_texts(args.image, k=args.k))
     if args.json:
-        print(json.dumps([{"id": h.id, "score": h.score} for h in hits], ensure_ascii=False))
-    else:
-        for rank, hit in enumerate(hits, 1):
-            print(f"{rank:>3}  {hit.score:+.4f}  {hit.id}")
+        print(json.dumps([{"id": h.id, "score": h.score, "payload": h.payload} for h in hits], ensure_ascii=False))
+        return 0
+    for rank, hit in enumerate(hits, 1):
+        payload = hit.payload or {}
+        shown = payload.get("text", payload.get("source", ""))
+        print(f"{rank:>3}  {hit.score:+.4f}  {hit.id}  {shown}".rstrip())
+    return 0
+
+
+def run_upgrade(args: argparse.Namespace) -> int:
+    from .index import upgrade
+
+    print(upgrade(args.directory, drop_texts=args.drop_texts))
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    commands = {"index": run_index, "search": run_search, "upgrade": run_upgrade}
     try:
-        return run_index(args) if args.command == "index" else run_search(args)
+        return commands[args.command](args)
+    except DatasetError as exc:
+        print(f"error: {len(exc.problems)} bad records (rerun with --skip-bad to skip them):", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 2
     except EngineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -74,7 +74,9 @@ def _open(source: str | Path | bytes | bytearray | memoryview, name: str) -> Ima
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             return Image.open(stream)
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except UnidentifiedImageError as exc:  # its message holds the stream's repr, which names nothing useful
+        raise ImageDecodeError(f"{name}: not a readable image (unknown or damaged format)") from exc
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageDecodeError(f"{name}: not a readable image ({exc.__class__.__name__}: {exc})") from exc
     except Exception as exc:
         raise ImageDecodeError(f"{name}: cannot open image ({exc.__class__.__name__}: {exc})") from exc

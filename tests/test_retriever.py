@@ -170,7 +170,7 @@ def test_command_line_index_and_search(tiny_checkpoint, image_dir, tmp_path):
     out = subprocess.run(run + ["search", "--index", str(tmp_path / "idx"), "--text", SAMPLE_TEXTS[1], "-k", "3",
                                 "--json"], check=True, capture_output=True, text=True).stdout
     retriever = Retriever.load(tmp_path / "idx")
-    expected = [{"id": h.id, "score": pytest.approx(h.score, abs=1e-6)}
+    expected = [{"id": h.id, "score": pytest.approx(h.score, abs=1e-6), "payload": h.payload}
                 for h in retriever.search_images(SAMPLE_TEXTS[1], k=3)]
     assert json.loads(out) == expected
     image_query = str(list_images(image_dir)[0])

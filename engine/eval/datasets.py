@@ -139,7 +139,7 @@ def read_dataset(data: str | Path, split: str, layout: Layout = "auto") -> Datas
     layout = _resolve_layout(layout, tsv, folder)
     problems: list[Problem] = []
     if layout == "tsv":
-        images = _read_tsv(tsv, problems)
+        images = read_tsv(tsv, problems)
         image_files = [tsv]
     else:
         images = _read_folder(folder, problems)
@@ -195,7 +195,7 @@ def _resolve_layout(layout: Layout, tsv: Path, folder: Path) -> str:
     raise InputError(f"no images found: expected {tsv} (cn_clip layout) or {folder}/ (image folder layout)")
 
 
-def _read_tsv(path: Path, problems: list[Problem]) -> list[ImageRecord]:
+def read_tsv(path: Path, problems: list[Problem]) -> list[ImageRecord]:
     """Rows `image_id<TAB>base64`; the base64 is decoded later, when the image is needed."""
     records: list[ImageRecord] = []
     first_line: dict[str, int] = {}
