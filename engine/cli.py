@@ -136,16 +136,21 @@ def run_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
+
+def report_error(exc: EngineError) -> int:
+    """Print an engine error for a person (a DatasetError lists every bad record); the exit status is 2."""
+    if isinstance(exc, DatasetError):
+        print(f"error: {len(exc.problems)} bad records (rerun with --skip-bad to skip them):", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+    else:
+        print(f"error: {exc}", file=sys.stderr)
+    return 2
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     commands = {"index": run_index, "search": run_search, "upgrade": run_upgrade}
     try:
         return commands[args.command](args)
-    except DatasetError as exc:
-        print(f"error: {len(exc.problems)} bad records (rerun with --skip-bad to skip them):", file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  {problem}", file=sys.stderr)
-        return 2
     except EngineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return report_error(exc)

@@ -275,7 +275,6 @@ class Retriever:
             raise InputError(f"{len(checked)} ids given for {len(items)} {what}")
         return checked
 
-    _new_ids = new_ids  # the name engine.serve.core calls today
 
     # ---- search ---------------------------------------------------------------------------------------------
 

@@ -212,28 +212,29 @@ BAD_REQUESTS = {
     "bad-base64": ("/v1/search/texts", {"json": {"image": "%%%not base64%%%", "k": 1}}, 400, "base64"),
     "bad-index-image": ("/v1/index/images", {"json": {"images": [base64.b64encode(b"nope").decode()]}}, 400,
                         "image #0"),
-    "empty-query": ("/v1/search/images", {"json": {"query": "", "k": 1}}, 422, "empty"),
+    "empty-query": ("/v1/search/images", {"json": {"query": "", "k": 1}}, 422, "at least 1 character"),
     "blank-query": ("/v1/search/images", {"json": {"query": "  \t ", "k": 1}}, 422, "empty"),
     "empty-query-list": ("/v1/search/images", {"json": {"query": [], "k": 1}}, 422, "no texts"),
     "number-query": ("/v1/search/images", {"json": {"query": 5, "k": 1}}, 422, "string"),
     "list-with-number": ("/v1/search/images", {"json": {"query": ["ok", 3], "k": 1}}, 422, "string"),
-    "missing-query": ("/v1/search/images", {"json": {"k": 1}}, 422, "missing"),
-    "empty-encode-text": ("/v1/encode/text", {"json": {"text": ""}}, 422, "empty"),
-    "k-zero": ("/v1/search/images", {"json": {"query": "猫", "k": 0}}, 422, "k must be"),
-    "k-over-index": ("/v1/search/images", {"json": {"query": "猫", "k": 10**6}}, 422, "k must be"),
+    "missing-query": ("/v1/search/images", {"json": {"k": 1}}, 422, "field required"),
+    "empty-encode-text": ("/v1/encode/text", {"json": {"text": ""}}, 422, "at least 1 character"),
+    "k-zero": ("/v1/search/images", {"json": {"query": "猫", "k": 0}}, 422, "greater than or equal to 1"),
+    "k-over-limit": ("/v1/search/images", {"json": {"query": "猫", "k": 10**6}}, 422, "less than or equal to 1000"),
+    "k-over-index": ("/v1/search/images", {"json": {"query": "猫", "k": 999}}, 422, "k must be"),
     "k-string": ("/v1/search/images", {"json": {"query": "猫", "k": "3"}}, 422, "integer"),
     "k-float": ("/v1/search/images", {"json": {"query": "猫", "k": 1.5}}, 422, "integer"),
     "k-over-texts": ("/v1/search/texts", {"files": {"image": ("q.png", png(1), "image/png")}, "data": {"k": "999"}},
                      422, "k must be"),
     "k-form-not-int": ("/v1/search/texts", {"files": {"image": ("q.png", png(1), "image/png")}, "data": {"k": "x"}},
-                       422, "k must be"),
+                       422, "valid integer"),
     "malformed-json": ("/v1/search/images", {"content": '{"query": "猫", '.encode(), "headers":
                                              {"content-type": "application/json"}}, 400, "malformed JSON"),
     "malformed-json-image": ("/v1/search/texts", {"content": b'{"image": ', "headers":
                                                   {"content-type": "application/json"}}, 400, "malformed JSON"),
     "wrong-content-type": ("/v1/search/texts", {"content": b"abc", "headers": {"content-type": "text/plain"}}, 415,
                            "content type"),
-    "missing-upload-field": ("/v1/search/texts", {"files": {"picture": ("q.png", png(1), "image/png")}}, 400,
+    "missing-upload-field": ("/v1/search/texts", {"files": {"picture": ("q.png", png(1), "image/png")}}, 422,
                              "'image'"),
     "duplicate-text-id": ("/v1/index/texts", {"json": {"texts": ["甲", "乙"], "ids": ["d", "d"]}}, 422, "duplicate"),
     "existing-text-id": ("/v1/index/texts", {"json": {"texts": ["甲"], "ids": ["t0"]}}, 422, "duplicate"),
@@ -298,12 +299,13 @@ def test_concurrent_clients_get_direct_answers_and_batches_form(server, tiny_che
 # ---- overload: bounded queue refuses at once; never a 5xx other than a 503 timeout -----------------------------
 
 def test_overload_gives_429_and_no_other_5xx(tmp_path):
-    srv = Server(["--model", "tiny", "--max-queue", "64", "--max-batch-size", "8", "--max-delay-ms", "0",
+    srv = Server(["--model", "tiny", "--in-memory", "--max-queue", "64", "--max-batch-size", "8", "--max-delay-ms", "0",
                   "--request-timeout-s", "5", "--workers", "2"], tmp_path / "server.log")
     try:
         srv.wait_ready()
         with httpx.Client(base_url=srv.url, timeout=60) as c:
-            assert c.post("/v1/index/texts", json={"texts": SAMPLE_TEXTS}).status_code == 200
+            added = c.post("/v1/index/texts", json={"texts": SAMPLE_TEXTS})
+            assert added.status_code == 200 and added.json()["persisted"] is False
             c.post("/v1/index/images", json={"images": [base64.b64encode(png(i)).decode() for i in range(4)]})
         local = threading.local()
 
@@ -390,14 +392,14 @@ def _assert_intact(index_dir: Path, old_ids: list, new_ids: list) -> str:
 def test_sigkill_during_add_leaves_index_intact_and_sigterm_flushes(tmp_path, image_dir):
     index_dir = tmp_path / "index"
     _seed_index(index_dir, image_dir)
-    old_ids, new_ids = _kill_during_add(index_dir, tmp_path / "kill.log", 0.05, 6000, "k")
+    old_ids, new_ids = _kill_during_add(index_dir, tmp_path / "kill.log", 0.05, 1000, "k")
     _assert_intact(index_dir, old_ids, new_ids)
 
     srv = Server(["--model", "tiny", "--index", str(index_dir)], tmp_path / "restart.log")  # same dir again
     ready = srv.wait_ready()
     on_disk = Index.load(index_dir)
     assert (ready["images"], ready["texts"]) == (len(on_disk.image_ids), len(on_disk.text_ids)) == (4, len(old_ids))
-    worker, outcome, term_ids = _add_in_flight(srv, 2000, "term")
+    worker, outcome, term_ids = _add_in_flight(srv, 1000, "term")
     srv.proc.send_signal(signal.SIGTERM)
     worker.join(120)
     assert outcome.get("status") == 200, outcome  # the in-flight add finished during the graceful shutdown
@@ -411,7 +413,7 @@ def test_repeated_sigkill_at_varied_moments(tmp_path, image_dir):
     _seed_index(index_dir, image_dir)
     states = []
     for round_, delay in enumerate([0.0, 0.2, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0]):
-        old_ids, new_ids = _kill_during_add(index_dir, tmp_path / f"r{round_}.log", delay, 3000, f"r{round_}")
+        old_ids, new_ids = _kill_during_add(index_dir, tmp_path / f"r{round_}.log", delay, 1000, f"r{round_}")
         states.append(_assert_intact(index_dir, old_ids, new_ids))
     assert len(states) == 8  # each round reloaded as exactly the old or the new state
 
@@ -422,12 +424,13 @@ def test_serves_an_onnx_export(tmp_path):
     export_dir = tmp_path / "export"
     subprocess.run([sys.executable, "-m", "export", "--model", "tiny", "--out", str(export_dir)], cwd=REPO,
                    check=True, capture_output=True, timeout=600)
-    srv = Server(["--model", "tiny", "--export", str(export_dir), "--index", str(tmp_path / "index")],
+    srv = Server(["--export", str(export_dir), "--index", str(tmp_path / "index")],  # the manifest names the model
                  tmp_path / "onnx.log")
     try:
         srv.wait_ready()
         with httpx.Client(base_url=srv.url, timeout=60) as c:
-            assert c.post("/v1/index/texts", json={"texts": SAMPLE_TEXTS}).status_code == 200
+            added = c.post("/v1/index/texts", json={"texts": SAMPLE_TEXTS})
+            assert added.status_code == 200 and added.json()["persisted"] is True
             hits = c.post("/v1/search/texts", json={"image": base64.b64encode(png(4)).decode(), "k": 3}).json()
         direct = Retriever.from_export(export_dir, model="tiny", laclip=LaclipConfig(), progress=False)
         direct.attach(Index.load(tmp_path / "index"))

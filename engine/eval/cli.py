@@ -7,11 +7,10 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..cli import add_laclip_arguments, laclip_from_args
+from ..cli import add_laclip_arguments, laclip_from_args, report_error
 from ..errors import EngineError
 from ..laclip import LaclipConfig
 from ..models import available_models
-from .datasets import DatasetError
 from .evaluate import EvalReport, EvalSettings, evaluate
 from .features import DEFAULT_CACHE_DIR
 from .metrics import KS, Metrics
@@ -109,14 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = settings_from_args(args)
         report = evaluate(settings)
-    except DatasetError as exc:
-        print(f"error: {len(exc.problems)} bad records (rerun with --skip-bad to skip them):", file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  {problem}", file=sys.stderr)
-        return 2
     except EngineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return report_error(exc)
     if report.skipped:
         print(f"skipped {len(report.skipped)} bad records:", file=sys.stderr)
         for problem in report.skipped:

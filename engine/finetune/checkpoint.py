@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import torch
 
@@ -74,32 +74,28 @@ def read_config(run_dir: Path) -> FinetuneConfig:
     return FinetuneConfig.from_dict(data)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, fsync, then rename over it: readers see old or new, never half."""
+def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """`write` into a temporary file beside `path`, fsync, then rename over it: readers see old or new, never half."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         _publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` crash-safely (see atomic_write)."""
+    atomic_write(path, lambda f: f.write(data))
 
 
 def save_training_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """torch.save `payload` crash-safely (temporary file, fsync, rename)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        _publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """torch.save `payload` crash-safely (see atomic_write)."""
+    atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def copy_as_best(run_dir: Path) -> None:

@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from ..cli import report_error
 from ..errors import EngineError
-from ..eval.datasets import DatasetError
 from ..laclip import LaclipConfig
 from ..models import available_models
 from .config import FinetuneConfig
@@ -132,13 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             num_workers=args.num_workers, progress=args.progress)
         else:
             result = finetune(config_from_args(args, parser))
-    except DatasetError as exc:
-        print(f"error: {len(exc.problems)} bad records (rerun with --skip-bad to skip them):", file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  {problem}", file=sys.stderr)
-        return 2
     except EngineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return report_error(exc)
     print(summary(result))
     return 0

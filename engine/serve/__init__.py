@@ -1,7 +1,9 @@
-"""HTTP retrieval server: `python -m engine.serve`. The core (batching, index consistency) is engine.serve.core;
-the FastAPI layer (engine.serve.app) only parses requests and maps errors to status codes."""
-from .app import create_app
+"""HTTP retrieval server: `python -m engine.serve`. The core (batching, one writer over the Retriever) is
+engine.serve.core; the HTTP layer is engine.serve.app (assembly), .routes, .inputs and .bodies (request
+reading), .guards (connection limits, auth), .errors (the one error shape) and .metrics."""
+from .app import HttpLimits, create_app
 from .core import ServeConfig, ServerCore
+from .guards import AccessPolicy
 from .metrics import ServerMetrics
 
-__all__ = ["ServeConfig", "ServerCore", "ServerMetrics", "create_app"]
+__all__ = ["AccessPolicy", "HttpLimits", "ServeConfig", "ServerCore", "ServerMetrics", "create_app"]

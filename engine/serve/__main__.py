@@ -1,4 +1,7 @@
-"""`python -m engine.serve --model NAME [...]`: start the dynamic-batching retrieval server (see --help)."""
+"""`python -m engine.serve --model NAME [...]`: start the dynamic-batching retrieval server (see --help).
+
+Adds are durable by default: without --index the index lives in a default directory (logged at start-up);
+--in-memory keeps it in memory only (answers then say "persisted": false)."""
 from __future__ import annotations
 
 import argparse
@@ -13,25 +16,41 @@ from ..cli import add_laclip_arguments, laclip_from_args
 from ..errors import EngineError
 from ..models import available_models
 from ..preprocess import DEFAULT_MAX_PIXELS
-from .app import create_app
+from .app import HttpLimits, create_app
 from .core import ServeConfig, ServerCore
+from .guards import AccessPolicy, guarded_h11
 from .metrics import ServerMetrics
 
 INDEX_SUBDIR = ".cnclip-index"
 
 
+def default_index_dir(model: str | None) -> Path:
+    """Where adds go when no --index is given: $CNCLIP_INDEX_DIR, else a per-model folder in the user's data
+    directory ($XDG_DATA_HOME or ~/.local/share)."""
+    if os.environ.get("CNCLIP_INDEX_DIR"):
+        return Path(os.environ["CNCLIP_INDEX_DIR"])
+    base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return base / "cnclip-engine" / f"index-{model or 'export'}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = BatcherConfig()
     p = argparse.ArgumentParser(prog="python -m engine.serve", description=__doc__)
-    p.add_argument("--model", required=True, choices=available_models(),
-                   help="model structure; 'tiny' with no checkpoint runs offline on random weights")
+    p.add_argument("--model", choices=available_models(),
+                   help="model structure (required unless --export, whose manifest names it); 'tiny' with no "
+                        "checkpoint runs offline on random weights")
     p.add_argument("--checkpoint", help="cn_clip checkpoint (.pt); default: the official weights for --model")
     p.add_argument("--random-weights", action="store_true",
                    help="seeded random weights for any model (benchmarks and trials only; no real retrieval)")
     p.add_argument("--export", type=Path, help="serve the towers of a `python -m export` directory")
     p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"],
                    help="runtime for --export (tensorrt needs --device cuda)")
-    p.add_argument("--index", type=Path, help="index directory: loaded if it exists; adds are saved here")
+    p.add_argument("--index", type=Path, help="index directory: opened if it holds an index; adds and deletes "
+                                              "are durable there before they are answered (default: "
+                                              "GALLERY/.cnclip-index with --gallery, else $CNCLIP_INDEX_DIR or "
+                                              "~/.local/share/cnclip-engine/index-MODEL)")
+    p.add_argument("--in-memory", action="store_true",
+                   help="keep the index in memory only (nothing written; answers say \"persisted\": false)")
     p.add_argument("--gallery", type=Path, help="image folder to index at start-up (ids = file stems; only "
                    f"images not yet indexed); saved to --index (default GALLERY/{INDEX_SUBDIR})")
     p.add_argument("--texts", type=Path, help="with --gallery: JSON lines {\"text_id\"|\"id\": ..., \"text\": ...}")
@@ -39,7 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="cpu")
     p.add_argument("--api-key", default=os.environ.get("CNCLIP_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: $CNCLIP_API_KEY)")
+                   help="require 'Authorization: Bearer KEY' on /v1 routes but /v1/info (default: $CNCLIP_API_KEY)")
+    p.add_argument("--protect-metrics", action="store_true", help="with --api-key: /metrics needs the key too")
+    p.add_argument("--protect-docs", action="store_true",
+                   help="with --api-key: /docs, /redoc and /openapi.json need the key too")
     g = p.add_argument_group("batching and limits")
     g.add_argument("--max-batch-size", type=int, default=d.max_batch_size, help="items per tower call")
     g.add_argument("--max-delay-ms", type=float, default=d.max_delay_ms,
@@ -51,7 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, default=2, help="threads decoding images, tokenizing and scoring")
     g.add_argument("--max-body-mb", type=float, default=20.0, help="larger request bodies get 413")
     g.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                   help="larger images get 400 (decompression bomb guard)")
+                   help="larger images get 400 (decompression bomb guard; Pillow's own limit follows it)")
+    g.add_argument("--max-concurrency", type=int, default=64,
+                   help="requests in flight before more get 503 (health and metrics excepted)")
+    g.add_argument("--body-timeout-s", type=float, default=30.0,
+                   help="a request body not fully received within this gets 408 and its connection closed")
+    g.add_argument("--header-timeout-s", type=float, default=10.0,
+                   help="a connection that sends no complete request headers within this is closed")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_laclip_arguments(p)
     return p
@@ -71,23 +99,43 @@ def config_from_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> Se
         p.error("--checkpoint, --random-weights and --export are exclusive")
     if args.export is not None and not args.export.is_dir():
         p.error(f"--export {args.export}: not a directory")
+    if args.export is None and args.model is None:
+        p.error("--model is required (unless --export, whose manifest names the model)")
+    if args.in_memory and args.index is not None:
+        p.error("--in-memory and --index are exclusive")
     if args.index is not None and args.index.exists() and not args.index.is_dir():
         p.error(f"--index {args.index}: not a directory")
     for flag, value in (("--workers", args.workers), ("--max-body-mb", args.max_body_mb),
-                        ("--max-pixels", args.max_pixels)):
+                        ("--max-pixels", args.max_pixels), ("--max-concurrency", args.max_concurrency),
+                        ("--body-timeout-s", args.body_timeout_s), ("--header-timeout-s", args.header_timeout_s)):
         if not value > 0:
             p.error(f"{flag} must be > 0, got {value}")
+    if (args.protect_metrics or args.protect_docs) and not args.api_key:
+        p.error("--protect-metrics and --protect-docs need --api-key")
     index_dir = args.index
-    if index_dir is None and args.gallery is not None:
-        index_dir = args.gallery / INDEX_SUBDIR
+    if index_dir is None and not args.in_memory:
+        index_dir = args.gallery / INDEX_SUBDIR if args.gallery is not None else default_index_dir(args.model)
     try:
         batch = BatcherConfig(args.max_batch_size, args.max_delay_ms, args.max_queue, args.request_timeout_s)
         laclip = laclip_from_args(args)
     except EngineError as exc:
         p.error(str(exc))
     return ServeConfig(model=args.model, checkpoint=args.checkpoint, random_weights=args.random_weights,
-                       export_dir=args.export, backend=args.backend, index_dir=index_dir, gallery=args.gallery, texts=args.texts, laclip=laclip,
-                       device=args.device, batch=batch, workers=args.workers, max_pixels=args.max_pixels)
+                       export_dir=args.export, backend=args.backend, index_dir=index_dir, gallery=args.gallery,
+                       texts=args.texts, laclip=laclip, device=args.device, batch=batch, workers=args.workers,
+                       max_pixels=args.max_pixels)
+
+
+def check_export_runtime(args: argparse.Namespace) -> str | None:
+    """Why --export cannot run here (its runtime is not installed), naming the extra to install."""
+    if args.export is None:
+        return None
+    module, extra = ("tensorrt", "tensorrt") if args.backend == "tensorrt" else ("onnxruntime", "onnx")
+    try:
+        __import__(module)
+    except ImportError:
+        return f"--export with --backend {args.backend} needs {module}: pip install -e \".[{extra}]\""
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -96,7 +144,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     config = config_from_args(parser, args)
+    missing = check_export_runtime(args)
+    if missing:
+        print(f"error: {missing}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    url = f"http://{args.host}:{args.port}"
+    where = config.index_dir if config.index_dir is not None else "in memory only (--in-memory)"
+    print(f"cnclip-engine: search page {url}/  API docs {url}/docs  index: {where}", file=sys.stderr, flush=True)
     metrics = ServerMetrics()
     core = ServerCore(config, on_batch=metrics.observe_batch)
     failures: list[BaseException] = []
@@ -107,9 +162,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if server is not None:
             server.should_exit = True
 
-    app = create_app(core, metrics, api_key=args.api_key, max_body_bytes=int(args.max_body_mb * (1 << 20)),
-                     on_fatal=fatal)
+    policy = AccessPolicy(args.api_key, args.protect_metrics, args.protect_docs)
+    limits = HttpLimits(int(args.max_body_mb * (1 << 20)), args.body_timeout_s, args.max_concurrency)
+    app = create_app(core, metrics, policy=policy, limits=limits, on_fatal=fatal)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           http=guarded_h11(args.header_timeout_s),
                                            timeout_graceful_shutdown=config.batch.timeout_s + 5))
     server.run()
     if failures:

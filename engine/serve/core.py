@@ -1,14 +1,18 @@
-"""The server core: a Retriever behind one dynamic batcher per tower, a preprocessing pool and an index lock.
+"""The server core: a Retriever behind one dynamic batcher per tower, a preprocessing pool and one writer.
 
-Requests from many clients share tower calls: texts are tokenized in the pool and their rows batched into
-one `encoder.encode_texts`; images are decoded and cut into views in the pool and batched into one
-`encoder.encode_images`. Scoring runs per request in the pool against an immutable snapshot of the index
-(`IndexView`), so searches never see a half-applied add. Adds are serialised, persisted atomically
-(engine.index), and only then published to searches. No HTTP here: `engine.serve.app` maps to status codes.
+The server runs the Retriever's own stages (prepare -> encode -> score -> hits) and adds only batching:
+texts are tokenized and images decoded and cut into views in the pool, their rows batched into one tower
+call (searches and index adds alike, so no tower is ever called from two threads), then scored by the
+Retriever's `search_*_embeddings` over its immutable snapshot. Adds and deletes run one at a time in the
+writer thread through `add_*_embeddings` / `delete_*`, which write through to the index directory before
+returning: a write that fails changes nothing, and searches see a write only once it is durable.
+No HTTP here: engine.serve.app maps errors to status codes.
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -19,28 +23,30 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .. import scoring
 from ..batcher import Batcher, BatcherConfig
-from ..errors import EngineError, InputError
+from ..errors import InputError
 from ..gallery import list_images, read_texts_jsonl
-from ..index import Id, Index, check_ids, topk_rows
-from ..laclip import LaclipConfig
-from ..preprocess import DEFAULT_CONTEXT_LENGTH, DEFAULT_MAX_PIXELS, load_image
-from ..retriever import Hit, Retriever, check_k, to_hits
+from ..ids import Id, check_id, check_ids, id_key
+from ..index.thumbnails import make_thumbnail
+from ..laclip import LaclipConfig, ScoreConfig
+from ..preprocess import DEFAULT_MAX_PIXELS, load_image
+from ..retriever import Hit, Retriever
+from .errors import IndexWriteError, NotFound, NotReady
 
 log = logging.getLogger("engine.serve")
+PLAIN = ScoreConfig(alpha=1.0)
 
 
 @dataclass(frozen=True)
 class ServeConfig:
     """What the server loads and how it batches (see `python -m engine.serve --help`)."""
 
-    model: str = "tiny"
+    model: str | None = "tiny"  # None with an export: the export's manifest names it
     checkpoint: str | None = None
     random_weights: bool = False
     export_dir: Path | None = None  # serve the towers of a `python -m export` directory instead of PyTorch
     backend: str = "onnxruntime"
-    index_dir: Path | None = None
+    index_dir: Path | None = None  # None: in memory only (--in-memory)
     gallery: Path | None = None
     texts: Path | None = None
     laclip: LaclipConfig | None = None
@@ -48,26 +54,7 @@ class ServeConfig:
     batch: BatcherConfig = field(default_factory=BatcherConfig)
     workers: int = 2
     max_pixels: int = DEFAULT_MAX_PIXELS
-    encode_batch_size: int = 32  # gallery indexing and index adds
-
-
-@dataclass(frozen=True)
-class IndexView:
-    """An immutable snapshot of the index arrays and ids that searches read."""
-
-    image_ids: tuple[Id, ...]
-    text_ids: tuple[Id, ...]
-    image_global: np.ndarray
-    image_crops: np.ndarray | None
-    image_pooled: np.ndarray | None
-    text_emb: np.ndarray
-
-    @classmethod
-    def of(cls, index: Index) -> "IndexView":
-        crops = index.has_crops
-        return cls(tuple(index.image_ids), tuple(index.text_ids), index.array("image_global"),
-                   index.array("image_crops") if crops else None, index.array("image_pooled") if crops else None,
-                   index.array("text_emb"))
+    encode_batch_size: int = 32  # gallery indexing at start-up
 
 
 @dataclass(frozen=True)
@@ -78,65 +65,51 @@ class TextResult:
     truncated: list[bool]
 
 
-class NotReady(EngineError):
-    """The model is still loading or warming up."""
-
-
-def build_retriever(config: ServeConfig, laclip: LaclipConfig | None,
-                    context_length: int = DEFAULT_CONTEXT_LENGTH) -> Retriever:
-    """A Retriever for config.model: a checkpoint, the official weights, an export (onnxruntime/tensorrt), or
-    (--random-weights) seeded random ones."""
-    options = dict(laclip=laclip, batch_size=config.encode_batch_size, context_length=context_length,
-                   max_pixels=config.max_pixels)
-    if config.export_dir is not None:
-        return Retriever.from_export(config.export_dir, config.backend, config.device, model=config.model, **options)
-    return Retriever.from_checkpoint(config.checkpoint, model=config.model, device=config.device,
-                                     random_weights=config.random_weights, **options)
-
-
-def load_retriever(config: ServeConfig) -> Retriever:
-    """Open --index if it exists (its LACLIP and context settings win), then index any new --gallery items."""
+def build_retriever(config: ServeConfig) -> Retriever:
+    """A Retriever for the config: bound to an existing index directory (its settings win), else new (and
+    bound to --index when given, so every add writes through)."""
+    options = dict(batch_size=config.encode_batch_size, max_pixels=config.max_pixels)
     index_dir = config.index_dir
-    if index_dir is not None and (index_dir / "CURRENT").is_file():
-        index = Index.load(index_dir)
-        retriever = build_retriever(config, index.manifest.laclip, index.manifest.context_length)
-        retriever.attach(index, source=str(index_dir))
-        log.info("loaded index %s: %d images, %d texts", index_dir, len(index.image_ids), len(index.text_ids))
+    if index_dir is not None and index_dir.is_dir() and any(index_dir.iterdir()):
+        if config.export_dir is not None:
+            return Retriever.load(index_dir, export=config.export_dir, backend=config.backend,
+                                  device=config.device, **options)
+        return Retriever.load(index_dir, checkpoint=config.checkpoint, device=config.device,
+                              random_weights=config.random_weights, **options)
+    if config.export_dir is not None:
+        retriever = Retriever.from_export(config.export_dir, config.backend, config.device, config.laclip,
+                                          model=config.model, **options)
     else:
-        retriever = build_retriever(config, config.laclip)
-    if config.gallery is not None:
-        index_gallery(retriever, config.gallery, config.texts)
-        if index_dir is not None:
-            retriever.save(index_dir)
-            log.info("saved index %s", index_dir)
+        retriever = Retriever.from_checkpoint(config.checkpoint, model=config.model, device=config.device,
+                                              laclip=config.laclip, random_weights=config.random_weights,
+                                              **options)
+    if index_dir is not None:
+        retriever.save(index_dir)
     return retriever
 
 
 def index_gallery(retriever: Retriever, gallery: Path, texts: Path | None) -> None:
     """Add the folder's images (ids = file stems) and the JSON-lines texts not yet in the index."""
-    have_images, have_texts = set(retriever.index.image_ids), set(retriever.index.text_ids)
-    images = [p for p in list_images(gallery) if p.stem not in have_images]
+    index = retriever.index
+    images = [p for p in list_images(gallery) if not index.has_image(p.stem)]
     retriever.progress = True
     if images:
         retriever.add_images(images, [p.stem for p in images])
     if texts is not None:
         ids, items = read_texts_jsonl(texts)
-        new = [(i, t) for i, t in zip(ids, items) if i not in have_texts]
+        new = [(i, t) for i, t in zip(ids, items) if not index.has_text(i)]
         if new:
             retriever.add_texts([t for _, t in new], [i for i, _ in new])
-    log.info("gallery %s: %d new images; index holds %d images, %d texts", gallery, len(images),
-             len(retriever.index.image_ids), len(retriever.index.text_ids))
+    log.info("gallery %s: %d new images", gallery, len(images))
 
 
 class ServerCore:
-    """Async retrieval service over one Retriever: batched towers, pooled preprocessing, consistent index."""
+    """Async retrieval service over one Retriever: batched towers, pooled preprocessing, one writer."""
 
     def __init__(self, config: ServeConfig, on_batch: Callable[[str, int, float], None] | None = None) -> None:
         self.config = config
         self.retriever: Retriever | None = None
-        self.view: IndexView | None = None
         self.ready = False
-        self.dirty = False
         self._on_batch = on_batch
         self._pool = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="preprocess")
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="index-writer")
@@ -147,9 +120,9 @@ class ServerCore:
 
     async def start(self) -> None:
         """Load the model and index (off the loop), start the batchers, warm both towers up, then be ready."""
+        Image.MAX_IMAGE_PIXELS = self.config.max_pixels  # Pillow's own bomb guard follows --max-pixels
         loop = asyncio.get_running_loop()
-        self.retriever = await loop.run_in_executor(self._writer, load_retriever, self.config)
-        self.view = IndexView.of(self.retriever.index)
+        self.retriever = await loop.run_in_executor(self._writer, self._load)
         for name, fn in (("text", self._encode_text_rows), ("image", self._encode_image_views)):
             batcher = Batcher(name, fn, self.config.batch, on_batch=self._batch_callback(name))
             batcher.start()
@@ -157,17 +130,22 @@ class ServerCore:
         await self._encode_texts(["预热"])
         await self._image_embeddings(Image.new("RGB", (64, 48), (120, 80, 40)))
         self.ready = True
-        log.info("ready: model %s, %d images, %d texts", self.config.model, len(self.view.image_ids),
-                 len(self.view.text_ids))
+        images, texts = self.counts()
+        log.info("ready: model %s, %d images, %d texts", self.retriever.identity.model, images, texts)
+
+    def _load(self) -> Retriever:
+        retriever = build_retriever(self.config)
+        if self.config.gallery is not None:
+            index_gallery(retriever, self.config.gallery, self.config.texts)
+        return retriever
 
     async def close(self) -> None:
-        """Finish queued work, flush an unsaved index, release the pools."""
+        """Finish queued work and release the pools (every acknowledged write is already durable)."""
         self.ready = False
         for batcher in self.batchers.values():
             await batcher.close()
         async with self._write_lock:
-            if self.dirty and self.config.index_dir is not None and self.retriever is not None:
-                await asyncio.get_running_loop().run_in_executor(self._writer, self._save)
+            pass
         self._pool.shutdown(wait=True)
         self._writer.shutdown(wait=True)
 
@@ -181,8 +159,34 @@ class ServerCore:
             raise NotReady("the model is still loading or warming up; retry shortly (see /readyz)")
         return self.retriever
 
-    async def _in_pool(self, fn: Callable, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+    async def _in_pool(self, fn: Callable, *args: Any, **kwargs: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
+
+    # ---- what is served ---------------------------------------------------------------------------------------
+
+    @property
+    def persistent(self) -> bool:
+        return self.config.index_dir is not None
+
+    def describe(self) -> dict[str, str]:
+        """Model, backend, precision and device, for /readyz and /v1/info."""
+        retriever = self._require_ready()
+        encoder = retriever.encoder
+        backend = self.config.backend if self.config.export_dir is not None else "torch"
+        return {"model": retriever.identity.model, "backend": backend,
+                "precision": str(getattr(encoder, "precision", "fp32")), "device": self.config.device}
+
+    def laclip_info(self) -> dict[str, Any] | None:
+        laclip = self._require_ready().laclip
+        return None if laclip is None else laclip.to_dict()
+
+    def counts(self) -> tuple[int, int]:
+        """(images, texts) live in the index now."""
+        snap = self._require_ready().index.snapshot()
+        return snap.live("images"), snap.live("texts")
+
+    async def stats(self) -> dict[str, Any]:
+        return await self._in_pool(self._require_ready().stats)
 
     # ---- tower batch functions (run in each batcher's worker thread) ------------------------------------------
 
@@ -196,32 +200,31 @@ class ServerCore:
     # ---- encoding -------------------------------------------------------------------------------------------
 
     async def _encode_texts(self, texts: Sequence[str]) -> TextResult:
-        """[D] embeddings per text via the text batcher; empty or non-string texts are InputErrors."""
-        retriever = self.retriever
+        """[D] embeddings per text via the text batcher; empty texts are InputErrors."""
         if not texts:
             raise InputError("no texts given (an empty list)")
         self.batchers["text"].check_capacity(len(texts))
-        tokens = await self._in_pool(retriever.tokenize, list(texts))
+        tokens = await self._in_pool(self.retriever.tokenize, list(texts))
         rows = await self.batchers["text"].submit_many(list(tokens.ids))
         return TextResult(rows, tokens.truncated)
 
-    async def _image_embeddings(self, image: Any) -> np.ndarray:
-        """[1 + K, D] (global, then crops) for one image input, decoded and cut into views in the pool."""
+    async def _image_embeddings(self, image: Any, name: str = "image") -> np.ndarray:
+        """[1 + K, D] (global, then crops) for one image, decoded and cut into views in the pool."""
         self.batchers["image"].check_capacity(1)
-        views = await self._in_pool(self._pixels, image)
+        views = await self._in_pool(self._pixels, image, name)
         return await self.batchers["image"].submit(views)
 
-    def _pixels(self, image: Any) -> torch.Tensor:
+    def _pixels(self, image: Any, name: str) -> torch.Tensor:
         try:
             return self.retriever.pixels(image)
         except InputError as exc:
-            raise type(exc)(f"image: {exc}") from None
+            raise type(exc)(f"{name}: {_strip_repr(str(exc))}") from None
 
-    async def encode_image(self, image: bytes) -> tuple[np.ndarray, np.ndarray | None]:
-        """(global [D], crops [K, D] or None) for one encoded image file."""
-        self._require_ready()
-        emb = await self._image_embeddings(image)
-        return emb[0], (emb[1:] if self.retriever.laclip is not None else None)
+    async def encode_image(self, upload: Any) -> tuple[np.ndarray, np.ndarray | None]:
+        """(global [D], crops [K, D] or None) for one uploaded image."""
+        retriever = self._require_ready()
+        emb = await self._image_embeddings(upload.data, upload.name)
+        return emb[0], (emb[1:] if retriever.laclip is not None else None)
 
     async def encode_text(self, texts: Sequence[str]) -> TextResult:
         """[D] embeddings of texts, with truncation flags."""
@@ -230,81 +233,140 @@ class ServerCore:
 
     # ---- search ---------------------------------------------------------------------------------------------
 
-    async def search_images(self, queries: Sequence[str], k: int) -> TextResult:
+    def _score(self, settings: Any) -> Any:
+        """The request's query-time LACLIP settings over the server's (None: the server's own)."""
+        laclip = self.retriever.laclip
+        if settings is None or laclip is None:
+            return None
+        given = {k: v for k, v in settings.model_dump().items() if v is not None}
+        return dataclasses.replace(laclip.score, **given)
+
+    async def search_images(self, queries: Sequence[str], k: int, settings: Any = None,
+                            exact: bool = False) -> TextResult:
         """Text -> image: one list of hits per query, best first."""
         retriever = self._require_ready()
-        view = self.view
-        check_k(k, len(view.image_ids), "images")
+        score = self._score(settings)
         encoded = await self._encode_texts(queries)
-        hits = await self._in_pool(self._score_images, view, np.stack(encoded.values), k, retriever.laclip)
+        hits = await self._in_pool(retriever.search_image_embeddings, np.stack(encoded.values), k,
+                                   exact=exact, score=score)
         return TextResult(hits, encoded.truncated)
 
-    @staticmethod
-    def _score_images(view: IndexView, t: np.ndarray, k: int, laclip: LaclipConfig | None) -> list[list[Hit]]:
-        values, indices = scoring.topk_images(t, view.image_global, view.image_crops, view.image_pooled, laclip, k)
-        return to_hits(values, indices, view.image_ids)
-
-    async def search_texts(self, image: bytes, k: int) -> list[Hit]:
-        """Image -> text: the hits for one encoded image file, best first."""
+    async def search_texts(self, upload: Any, k: int, settings: Any = None, exact: bool = False) -> list[Hit]:
+        """Image -> text: the hits for one uploaded image, best first (payloads carry the texts)."""
         retriever = self._require_ready()
-        view = self.view
-        check_k(k, len(view.text_ids), "texts")
-        emb = await self._image_embeddings(image)
-        return await self._in_pool(self._score_texts, view, emb, k, retriever.laclip)
+        score = self._score(settings)
+        emb = await self._image_embeddings(upload.data, upload.name)
+        crops = emb[None, 1:] if retriever.laclip is not None else None
+        hits = await self._in_pool(retriever.search_text_embeddings, emb[None, 0], crops, k, exact=exact,
+                                   score=score)
+        return hits[0]
 
-    @staticmethod
-    def _score_texts(view: IndexView, emb: np.ndarray, k: int, laclip: LaclipConfig | None) -> list[Hit]:
-        crops = emb[None, 1:] if laclip is not None else None
-        scores = scoring.score_texts(view.text_emb, emb[None, 0], crops, laclip)
-        values, indices = topk_rows(scores, k)
-        return to_hits(values, indices, view.text_ids)[0]
+    async def search_similar(self, item_id: Id | None, upload: Any, k: int, exact: bool = False) -> list[Hit]:
+        """Image -> image, by a stored image's id (its stored vector, no re-encoding) or by an uploaded image."""
+        retriever = self._require_ready()
+        if item_id is not None:
+            self._known("images", check_id(item_id))
+            return await self._in_pool(retriever.search_similar, item_id, k, exact=exact)
+        emb = await self._image_embeddings(upload.data, upload.name)
+        hits = await self._in_pool(retriever.search_image_embeddings, emb[None, 0], k, exact=exact,
+                                   score=PLAIN)  # the global vectors alone, as search_similar scores an image
+        return hits[0]
+
+    async def thumbnail(self, item_id: str) -> bytes:
+        retriever = self._require_ready()
+        self._known("images", item_id)
+        data = await self._in_pool(retriever.thumbnail, item_id)
+        if data is None:
+            raise NotFound(f"image {item_id!r} has no stored thumbnail")
+        return data
+
+    def _known(self, kind: str, item_id: Id) -> None:
+        """NotFound (404) unless `item_id` is in the index."""
+        index = self.retriever.index
+        present = index.has_image if kind == "images" else index.has_text
+        if not present(id_key(item_id)):
+            raise NotFound(f"no {kind[:-1]} with id {item_id!r} in the index")
 
     # ---- index mutation -------------------------------------------------------------------------------------
 
-    async def add_images(self, images: Sequence[tuple[bytes, str]], ids: Sequence[Id] | None) -> list[Id]:
-        """Decode (in the pool), encode, index and persist images given as (data, name); all or nothing."""
+    async def add_images(self, uploads: Sequence[Any], ids: Sequence[Id] | None,
+                         payloads: Sequence[dict | None] | None) -> list[Id]:
+        """Decode (pool), encode (image batcher), then add durably (writer); all or nothing."""
         retriever = self._require_ready()
-        if not images:
-            raise InputError("no images given")
-        if ids is not None and len(ids) != len(images):
-            raise InputError(f"{len(ids)} ids given for {len(images)} images")
-        decoded = await asyncio.gather(*(self._in_pool(self._decode, data, f"image #{i} ({name})")
-                                         for i, (data, name) in enumerate(images)))
-        return await self._mutate(retriever.add_images, decoded, ids)
+        self._check_new(uploads, ids, payloads, "images", retriever.index.has_image)
+        self.batchers["image"].check_capacity(len(uploads))
+        decoded = await asyncio.gather(*(self._in_pool(self._decode, u.data, u.name) for u in uploads))
+        views = await asyncio.gather(*(self._in_pool(self._pixels, image, u.name)
+                                       for image, u in zip(decoded, uploads)))
+        emb = np.stack(await self.batchers["image"].submit_many(views))
+        crops = np.ascontiguousarray(emb[:, 1:]) if retriever.laclip is not None else None
+        merged = [{**({"source": u.basename} if u.basename else {}), **((payloads or [None] * len(uploads))[i] or {})}
+                  for i, u in enumerate(uploads)]
+        thumbnails = await asyncio.gather(*(self._in_pool(make_thumbnail, image) for image in decoded))
 
-    def _decode(self, data: bytes, what: str) -> Image.Image:
+        def add() -> list[Id]:
+            new_ids = retriever.new_ids(uploads, ids, "images")  # default counters taken under the write lock
+            return retriever.add_image_embeddings(new_ids, np.ascontiguousarray(emb[:, 0]), crops, payloads=merged,
+                                                  thumbnails=list(thumbnails))
+
+        return await self._write(add)
+
+    def _decode(self, data: bytes, name: str) -> Image.Image:
         try:
             return load_image(data, self.retriever.max_pixels)
         except InputError as exc:
-            raise type(exc)(f"{what}: {exc}") from None
+            raise type(exc)(f"{name}: {_strip_repr(str(exc))}") from None
 
-    async def add_texts(self, texts: Sequence[str], ids: Sequence[Id] | None) -> list[Id]:
-        """Encode, index and persist texts; all or nothing."""
+    async def add_texts(self, texts: Sequence[str], ids: Sequence[Id] | None,
+                        payloads: Sequence[dict | None] | None) -> list[Id]:
+        """Encode (text batcher), then add durably (writer) with each text in its payload; all or nothing."""
         retriever = self._require_ready()
-        if not texts:
-            raise InputError("no texts given (an empty list)")
+        self._check_new(texts, ids, payloads, "texts", retriever.index.has_text)
+        encoded = await self._encode_texts(texts)
+        merged = [{**((payloads or [None] * len(texts))[i] or {}), "text": text} for i, text in enumerate(texts)]
+
+        def add() -> list[Id]:
+            new_ids = retriever.new_ids(texts, ids, "texts")  # default counters taken under the write lock
+            return retriever.add_text_embeddings(new_ids, np.stack(encoded.values), payloads=merged)
+
+        return await self._write(add)
+
+    @staticmethod
+    def _check_new(items: Sequence, ids: Sequence[Id] | None, payloads: Sequence | None, what: str,
+                   present: Callable[[str], bool]) -> None:
+        """Counts and ids checked before any decoding or encoding (the writer checks again, atomically)."""
+        if not items:
+            raise InputError(f"no {what} given (an empty list)")
+        for name, values in (("ids", ids), ("payloads", payloads)):
+            if values is not None and len(values) != len(items):
+                raise InputError(f"{len(values)} {name} given for {len(items)} {what}")
         if ids is not None:
-            check_ids(ids, self.view.text_ids)
-        return await self._mutate(retriever.add_texts, list(texts), ids)
+            check_ids(ids, present)
 
-    async def _mutate(self, add: Callable[[Sequence, Sequence[Id] | None], list[Id]], items: Sequence,
-                      ids: Sequence[Id] | None) -> list[Id]:
+    async def delete(self, kind: str, ids: Sequence[Id]) -> int:
+        """Delete images or texts by id, durably; every id must exist (404 naming the first that does not)."""
+        retriever = self._require_ready()
+        checked = check_ids(ids)
+        remove = retriever.delete_images if kind == "images" else retriever.delete_texts
+
+        def apply() -> int:
+            for item in checked:
+                self._known(kind, item)
+            return remove(checked)
+
+        return await self._write(apply)
+
+    async def _write(self, apply: Callable[[], Any]) -> Any:
+        """Run one write in the writer thread, one at a time; a failing disk is an IndexWriteError (500)."""
         async with self._write_lock:
-            return await asyncio.get_running_loop().run_in_executor(self._writer, self._apply, add, items, ids)
+            try:
+                return await asyncio.get_running_loop().run_in_executor(self._writer, apply)
+            except OSError as exc:
+                log.exception("index write failed")
+                raise IndexWriteError(f"the index could not be written ({exc}); nothing was changed") from exc
 
-    def _apply(self, add: Callable, items: Sequence, ids: Sequence[Id] | None) -> list[Id]:
-        added = add(items, list(ids) if ids is not None else None)
-        self.dirty = True
-        if self.config.index_dir is not None:
-            self._save()
-        self.view = IndexView.of(self.retriever.index)
-        return added
 
-    def _save(self) -> None:
-        self.retriever.save(self.config.index_dir)
-        self.dirty = False
-
-    @property
-    def persistent(self) -> bool:
-        return self.config.index_dir is not None
-
+def _strip_repr(message: str) -> str:
+    """An engine message about `<N bytes>` inputs, without that placeholder (the caller names the upload)."""
+    head, sep, rest = message.partition(": ")
+    return rest if sep and head.startswith("<") and head.endswith(">") else message

@@ -1,14 +1,25 @@
-"""Prometheus metrics of the server, in a private registry: requests, latency, queue depth, batch sizes."""
+"""Prometheus metrics of the server, in a private registry: requests, latency, queue depth, batch sizes.
+
+Every label comes from a fixed set, never from the client: methods outside METHODS count as "other", paths
+that match no route as "<other>", and a matched path is counted by its route template (`/v1/images/{id}/...`),
+so no request can grow the scrape.
+"""
 from __future__ import annotations
 
-from typing import Mapping
+import time
+from typing import Callable, Iterable, Mapping
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.routing import compile_path
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..batcher import Batcher
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+OTHER_METHOD = "other"
+OTHER_ROUTE = "<other>"
 
 
 class ServerMetrics:
@@ -46,3 +57,59 @@ class ServerMetrics:
             self.queue_depth.labels(tower).set(batcher.queue_depth)
         self.ready.set(1 if ready else 0)
         return generate_latest(self.registry)
+
+
+def method_label(method: str) -> str:
+    return method if method in METHODS else OTHER_METHOD
+
+
+class RouteTable:
+    """Route templates to label requests by: exact paths, templated paths (`/v1/images/{id}/thumbnail`) and
+    mounted folders (`/static/{path}`); anything else is OTHER_ROUTE."""
+
+    def __init__(self, templates: Iterable[str], mounts: Iterable[str] = ()) -> None:
+        templates = list(templates)
+        self._exact = {t for t in templates if "{" not in t}
+        self._patterns = [(compile_path(t)[0], t) for t in templates if "{" in t]
+        self._mounts = list(mounts)
+
+    def label(self, path: str) -> str:
+        if path in self._exact:
+            return path
+        for regex, template in self._patterns:
+            if regex.match(path):
+                return template
+        for mount in self._mounts:
+            if path.startswith(mount + "/"):
+                return mount + "/{path}"
+        return OTHER_ROUTE
+
+
+class MetricsMiddleware:
+    """Counts every request by route template, method and status (all from fixed sets), and times it."""
+
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics, routes: Callable[[], RouteTable]) -> None:
+        self.app = app
+        self.metrics = metrics
+        self._routes = routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started, status = time.perf_counter(), 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        route, method = self._routes().label(scope["path"]), method_label(scope["method"])
+        in_progress = self.metrics.in_progress.labels(route, method)
+        in_progress.inc()
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            in_progress.dec()
+            self.metrics.observe_request(route, method, status, time.perf_counter() - started)

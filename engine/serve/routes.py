@@ -1,0 +1,259 @@
+"""The /v1 routes: read the request (engine.serve.inputs), call the ServerCore, shape the answer.
+
+Routes that take images accept JSON (base64) or multipart uploads; each documents both bodies and every error
+status it can answer, all with the one error model.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from fastapi import APIRouter, Request, Response
+from pydantic import BaseModel
+
+from ..ids import Id
+from .bodies import (MAX_K, DeleteRequest, EncodeImageRequest, EncodeTextRequest, ImageQuery, ImageSearchRequest,
+                     IndexImagesRequest, IndexTextsRequest, SimilarRequest, decode_base64,
+                     parse_json, validate)
+from .core import ServerCore
+from .errors import HttpError, error_responses
+from .guards import AccessPolicy
+from .inputs import Upload, content_kind, form_list, form_model, form_uploads, json_body, one_upload, read_form
+from .schemas import (DeleteResponse, EncodeImageResponse, EncodeTextResponse, HitsResponse, ImageSearchResponse,
+                      IndexResponse, InfoResponse)
+
+_FILE = {"type": "string", "format": "binary"}
+_LACLIP_FIELD = {"type": "string", "description": "query-time LACLIP settings as a JSON object string, "
+                                                  "e.g. {\"alpha\": 1}"}
+_K_FIELD = {"type": "integer", "minimum": 1, "maximum": MAX_K, "default": 10}
+_EXACT_FIELD = {"type": "boolean", "default": False}
+_ID_FIELD = {"anyOf": [{"type": "string"}, {"type": "integer"}]}
+
+
+class Schemas:
+    """Collects the JSON body models that routes reference from `openapi_extra`, for components/schemas."""
+
+    def __init__(self) -> None:
+        self.models: dict[str, type[BaseModel]] = {}
+
+    def ref(self, model: type[BaseModel]) -> dict[str, str]:
+        self.models[model.__name__] = model
+        return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+    def body(self, json_model: type[BaseModel] | None, multipart: dict[str, Any] | None = None,
+             required: Sequence[str] = ()) -> dict[str, Any]:
+        content: dict[str, Any] = {}
+        if json_model is not None:
+            content["application/json"] = {"schema": self.ref(json_model)}
+        if multipart is not None:
+            content["multipart/form-data"] = {"schema": {"type": "object", "properties": multipart,
+                                                         "required": list(required)}}
+        return {"requestBody": {"required": True, "content": content}}
+
+    def install(self, app_openapi: dict[str, Any]) -> None:
+        """Add the collected models (and their nested definitions) to an OpenAPI document."""
+        schemas = app_openapi.setdefault("components", {}).setdefault("schemas", {})
+        for name, model in self.models.items():
+            schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas.update(schema.pop("$defs", {}))
+            schemas[name] = schema
+
+
+def hits_json(hits: Sequence[Any]) -> list[dict[str, Any]]:
+    """Hits (id, score, payload) as JSON objects."""
+    return [{"id": h.id, "score": h.score, "payload": h.payload} for h in hits]
+
+
+def build_router(core: ServerCore, policy: AccessPolicy, schemas: Schemas) -> APIRouter:
+    """The /v1 routes over `core` (auth is enforced before routing, by engine.serve.guards.AuthGuard); the
+    JSON body models they take are collected in `schemas`."""
+    keyed = [401] if policy.api_key is not None else []
+    reads = error_responses([400, 408, 413, 415, 422, 429, 503, *keyed])
+    writes = error_responses([400, 408, 413, 415, 422, 429, 500, 503, *keyed])
+    v1 = APIRouter(prefix="/v1")
+
+    async def image_query(request: Request) -> tuple[Upload, ImageQuery]:
+        if content_kind(request) == "json":
+            body = await json_body(request, ImageQuery)
+            return Upload(decode_base64(body.image, "image"), "image"), body
+        form = await read_form(request)
+        upload = await one_upload(form)
+        return upload, form_model(form, ImageQuery, image="<upload>")
+
+    @v1.get("/info", summary="What the server runs and whether it needs a key (no key needed)",
+            response_model=InfoResponse, responses=error_responses([503]))
+    async def info() -> dict[str, Any]:
+        images, texts = core.counts()
+        return {"auth": policy.api_key is not None, **core.describe(), "laclip": core.laclip_info(),
+                "max_k": MAX_K, "images": images, "texts": texts}
+
+    @v1.post("/search/images", summary="Text -> image search", response_model=ImageSearchResponse,
+             responses=reads, openapi_extra=schemas.body(ImageSearchRequest))
+    async def search_images(request: Request) -> dict[str, Any]:
+        body = await json_body(request, ImageSearchRequest)
+        single = isinstance(body.query, str)
+        result = await core.search_images([body.query] if single else body.query, body.k, body.laclip, body.exact)
+        hits = [hits_json(h) for h in result.values]
+        return {"hits": hits[0] if single else hits, "truncated": result.truncated[0] if single else result.truncated}
+
+    @v1.post("/search/texts", summary="Image -> text search (the texts come back in each hit's payload)",
+             response_model=HitsResponse, responses=reads,
+             openapi_extra=schemas.body(ImageQuery, {"image": _FILE, "k": _K_FIELD, "laclip": _LACLIP_FIELD,
+                                                     "exact": _EXACT_FIELD}, ["image"]))
+    async def search_texts(request: Request) -> dict[str, Any]:
+        upload, body = await image_query(request)
+        return {"hits": hits_json(await core.search_texts(upload, body.k, body.laclip, body.exact))}
+
+    @v1.post("/search/similar", summary="Image -> image search, by a stored image's id or by an image",
+             response_model=HitsResponse, responses=error_responses([404, *reads]),
+             openapi_extra=schemas.body(SimilarRequest, {"image": _FILE, "id": _ID_FIELD, "k": _K_FIELD,
+                                                         "exact": _EXACT_FIELD}))
+    async def search_similar(request: Request) -> dict[str, Any]:
+        if content_kind(request) == "json":
+            body = await json_body(request, SimilarRequest)
+            upload = None if body.image is None else Upload(decode_base64(body.image, "image"), "image")
+        else:
+            form = await read_form(request)
+            uploads = await form_uploads(form, "image")
+            upload = uploads[0] if uploads else None
+            body = form_model(form, SimilarRequest, image=None)
+            if len(uploads) > 1:
+                raise HttpError(422, "ValidationError", f"one image at a time, got {len(uploads)}")
+        if (body.id is None) == (upload is None):
+            raise HttpError(422, "ValidationError", "give exactly one of 'id' (a stored image) or 'image'")
+        hits = await core.search_similar(body.id, upload, body.k, body.exact)
+        return {"hits": hits_json(hits)}
+
+    @v1.post("/encode/text", summary="Text embeddings (L2-normalised)", response_model=EncodeTextResponse,
+             responses=reads, openapi_extra=schemas.body(EncodeTextRequest))
+    async def encode_text(request: Request) -> dict[str, Any]:
+        body = await json_body(request, EncodeTextRequest)
+        result = await core.encode_text([body.text] if isinstance(body.text, str) else body.text)
+        return {"embeddings": [row.tolist() for row in result.values], "truncated": result.truncated,
+                "dim": int(result.values[0].shape[0])}
+
+    @v1.post("/encode/image", summary="Image embedding: global, and LACLIP crops when the index uses them",
+             response_model=EncodeImageResponse, responses=reads,
+             openapi_extra=schemas.body(EncodeImageRequest, {"image": _FILE}, ["image"]))
+    async def encode_image(request: Request) -> dict[str, Any]:
+        if content_kind(request) == "json":
+            body = await json_body(request, EncodeImageRequest)
+            upload = Upload(decode_base64(body.image, "image"), "image")
+        else:
+            form = await read_form(request)
+            upload = await one_upload(form)
+            form_model(form, EncodeImageRequest, image="<upload>")
+        global_, crops = await core.encode_image(upload)
+        return {"embedding": global_.tolist(), "crops": None if crops is None else crops.tolist(),
+                "dim": int(global_.shape[0])}
+
+    async def counted(added_or_deleted: dict[str, Any]) -> dict[str, Any]:
+        images, texts = core.counts()
+        return {**added_or_deleted, "images": images, "texts": texts, "persisted": core.persistent}
+
+    @v1.post("/index/images", summary="Add images (durable before the answer unless the server is --in-memory)",
+             response_model=IndexResponse, responses=writes,
+             openapi_extra=schemas.body(IndexImagesRequest, {
+                 "images": {"type": "array", "items": _FILE},
+                 "ids": {"type": "array", "items": _ID_FIELD, "description": "default: the file name stems"},
+                 "payloads": {"type": "string", "description": "a JSON array of objects, one per image"}},
+                 ["images"]))
+    async def index_images(request: Request) -> dict[str, Any]:
+        if content_kind(request) == "json":
+            body = await json_body(request, IndexImagesRequest)
+            uploads = [Upload(decode_base64(data, f"image #{i}"), f"image #{i}") for i, data in enumerate(body.images)]
+            ids, payloads = body.ids, body.payloads
+        else:
+            form = await read_form(request)
+            uploads = await form_uploads(form, "images")
+            given = form_list(form, "ids")
+            ids = given or _stems(uploads)
+            payloads = _form_payloads(form)
+        return await counted({"added": await core.add_images(uploads, ids, payloads)})
+
+    @v1.post("/index/texts", summary="Add texts: JSON, or a JSON-lines file upload in the --texts format",
+             response_model=IndexResponse, responses=writes,
+             openapi_extra=schemas.body(IndexTextsRequest, {"file": {**_FILE, "description":
+                                        "JSON lines {\"text_id\" (or \"id\"): ..., \"text\": ...}"}}, ["file"]))
+    async def index_texts(request: Request) -> dict[str, Any]:
+        if content_kind(request) == "json":
+            body = await json_body(request, IndexTextsRequest)
+            texts, ids, payloads = body.texts, body.ids, body.payloads
+        else:
+            form = await read_form(request)
+            upload = await one_upload(form, "file")
+            ids, texts = texts_from_jsonl(upload)
+            payloads = None
+        return await counted({"added": await core.add_texts(texts, ids, payloads)})
+
+    for kind in ("images", "texts"):
+        _add_delete_routes(v1, core, kind, counted, schemas, writes)
+
+    @v1.get("/index/stats", summary="Index counts, segments, deleted rows, bytes on disk, ANN state",
+            responses=error_responses([503, *keyed]))
+    async def stats() -> dict[str, Any]:
+        return {**(await core.stats()), "persisted": core.persistent}
+
+    @v1.get("/images/{id}/thumbnail", summary="The stored thumbnail of an indexed image (JPEG)",
+            response_class=Response, responses={200: {"content": {"image/jpeg": {"schema": _FILE}}},
+                                                **error_responses([404, 422, 503, *keyed])})
+    async def thumbnail(id: str) -> Response:
+        return Response(await core.thumbnail(id), media_type="image/jpeg",
+                        headers={"Cache-Control": "private, max-age=3600"})
+
+    return v1
+
+
+def _add_delete_routes(v1: APIRouter, core: ServerCore, kind: str, counted: Any, schemas: Schemas,
+                       responses: dict) -> None:
+    @v1.delete(f"/index/{kind}/{{id}}", summary=f"Delete one of the {kind} (durable before the answer)",
+               response_model=DeleteResponse, responses={**responses, **error_responses([404, 422])},
+               name=f"delete_{kind}_one")
+    async def delete_one(id: str) -> dict[str, Any]:
+        return await counted({"deleted": await core.delete(kind, [id])})
+
+    @v1.post(f"/index/{kind}/delete", summary=f"Delete several {kind}: all ids must exist, or none is deleted",
+             response_model=DeleteResponse, responses={**responses, **error_responses([404])},
+             openapi_extra=schemas.body(DeleteRequest), name=f"delete_{kind}_many")
+    async def delete_many(request: Request) -> dict[str, Any]:
+        body = await json_body(request, DeleteRequest)
+        return await counted({"deleted": await core.delete(kind, body.ids)})
+
+
+def _stems(uploads: Sequence[Upload]) -> list[Id] | None:
+    """Upload file name stems as ids (as --gallery does), when every upload has a file name."""
+    stems = [u.stem for u in uploads]
+    return None if any(s is None for s in stems) else stems
+
+
+def _form_payloads(form: Any) -> list[dict[str, Any] | None] | None:
+    raw = form.get("payloads")
+    if raw is None:
+        return None
+    if not isinstance(raw, str):
+        raise HttpError(422, "ValidationError", "payloads: expected a JSON array in a plain form field")
+    return validate(IndexImagesRequest, {"images": [], "payloads": parse_json(raw.encode("utf-8"))}).payloads
+
+
+def texts_from_jsonl(upload: Upload) -> tuple[list[Id], list[str]]:
+    """(ids, texts) of a JSON-lines upload in the `--texts` format; errors name the file and line."""
+    try:
+        lines = upload.data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise HttpError(400, "MalformedBody", f"{upload.name}: not UTF-8 text (byte {exc.start})") from None
+    ids: list[Id] = []
+    texts: list[str] = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = parse_json(line.encode("utf-8"))
+        except HttpError as exc:
+            raise HttpError(exc.status, exc.kind, f"{upload.name} line {number}: {exc.detail}") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise HttpError(422, "ValidationError", f"{upload.name} line {number}: expected an object with a "
+                                                    "string 'text'")
+        ids.append(record.get("text_id", record.get("id", len(ids))))
+        texts.append(record["text"])
+    if not texts:
+        raise HttpError(422, "ValidationError", f"{upload.name}: no texts in the file")
+    return ids, texts

@@ -1,0 +1,87 @@
+"""Response models: what each route answers, for OpenAPI (the routes build the same shapes as dicts)."""
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+from pydantic import BaseModel, Field
+
+from .bodies import IdValue
+
+
+class HitOut(BaseModel):
+    """One search result: the item's id, its score (higher is better) and its payload (texts carry `text`,
+    images their `source` file name and any metadata given when added)."""
+
+    id: IdValue
+    score: float
+    payload: Optional[dict[str, Any]] = None
+
+
+class ImageSearchResponse(BaseModel):
+    """Hits for the query (a list of hit lists for a list of queries); `truncated` tells whether the tokenizer
+    cut a query."""
+
+    hits: Union[list[HitOut], list[list[HitOut]]]
+    truncated: Union[bool, list[bool]]
+
+
+class HitsResponse(BaseModel):
+    hits: list[HitOut]
+
+
+class EncodeTextResponse(BaseModel):
+    embeddings: list[list[float]]
+    truncated: list[bool]
+    dim: int
+
+
+class EncodeImageResponse(BaseModel):
+    embedding: list[float]
+    crops: Optional[list[list[float]]] = Field(None, description="LACLIP crop embeddings when the index has them")
+    dim: int
+
+
+class IndexResponse(BaseModel):
+    """After an add: the ids added, the index's counts, and whether the add is on disk (durable)."""
+
+    added: list[IdValue]
+    images: int
+    texts: int
+    persisted: bool
+
+
+class DeleteResponse(BaseModel):
+    """After a delete: how many rows were deleted, the index's counts, whether the change is on disk."""
+
+    deleted: int
+    images: int
+    texts: int
+    persisted: bool
+
+
+class InfoResponse(BaseModel):
+    """What the page needs to know before the first search (no key needed)."""
+
+    auth: bool
+    model: str
+    backend: str
+    precision: str
+    device: str
+    laclip: Optional[dict[str, Any]]
+    max_k: int
+    images: int
+    texts: int
+
+
+class ReadyResponse(BaseModel):
+    status: str
+    model: str
+    backend: str
+    precision: str
+    device: str
+    images: int
+    texts: int
+
+
+class HealthResponse(BaseModel):
+    status: str
