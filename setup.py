@@ -5,7 +5,10 @@ Project metadata lives in pyproject.toml. torch must already be installed; build
 Environment:
     ENGINE_BUILD_CUDA=0      build the CPU-only extension even when a CUDA toolkit is present
     CUDA_HOME                the CUDA toolkit (otherwise found from `nvcc` on PATH, following wrapper scripts)
-    TORCH_CUDA_ARCH_LIST     GPU architectures; defaults to "9.0" (H100/H200) when no GPU is visible
+    TORCH_CUDA_ARCH_LIST     GPU architectures; when unset and no GPU is visible, DEFAULT_CUDA_ARCHS: machine code
+                             for Ampere/Ada (8.0, which also runs on 8.6 and 8.9) and Hopper (9.0), plus 9.0 PTX that
+                             the driver compiles for newer GPUs (Blackwell) at first load. Turing (T4) needs
+                             TORCH_CUDA_ARCH_LIST="7.5;8.0;9.0+PTX" (left out by default: each arch adds minutes to a build)
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ except ImportError as exc:  # pragma: no cover - depends on the build environmen
 
 ROOT = Path(__file__).resolve().parent
 CSRC = "csrc"
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 
 
 def _toolkit_from_nvcc(nvcc: Path) -> Path | None:
@@ -68,14 +72,14 @@ def make_extension():
         # torch.utils.cpp_extension reads CUDA_HOME when imported, so set it (and the arch list) first.
         os.environ["CUDA_HOME"] = str(cuda_home)
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-            os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
+            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
     import torch.utils.cpp_extension as cpp_ext
 
     if cuda_home is not None:
         cpp_ext.CUDA_HOME = str(cuda_home)
     cxx = ["-O3", "-fopenmp", "-Wno-maybe-uninitialized"] if os.name != "nt" else ["/O2", "/openmp"]
     link = ["-fopenmp"] if os.name != "nt" else []
-    sources = [f"{CSRC}/bindings.cpp", f"{CSRC}/laclip_cpu.cpp"]
+    sources = [f"{CSRC}/{name}" for name in ("bindings.cpp", "ops.cpp", "laclip_cpu.cpp", "topk_chunks.cpp")]
     if cuda_home is None:
         print("setup.py: building engine._laclip_ext for the CPU only", file=sys.stderr)
         return cpp_ext.CppExtension(

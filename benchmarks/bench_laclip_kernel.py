@@ -1,13 +1,14 @@
 """Native LACLIP kernel (engine.ops) vs the pure-PyTorch reference (engine.laclip), in the same run, on the CPU.
 
 Run:  python -m pytest benchmarks/bench_laclip_kernel.py --benchmark-only -q
-Cases: Q in {1, 64}, D = 512, K = 4, N in {10k, 100k}, fp32 and fp16 inputs, "image" and "text" weights,
-top-10 and full scores. The reference's top-k is torch.topk on its score matrix (what a PyTorch user writes);
-for fp16 inputs the reference upcasts to fp32 as laclip_scores_reference does.
+Cases: Q in {1, 64}, D = 512, K = 4, N in {10k, 100k}, fp32, fp16 and bf16 inputs (bf16: crop storage that CPUs
+with the AVX-512 BF16 dot-product instruction score without conversion), "image" and "text" weights, top-10 and
+full scores. The reference's top-k is torch.topk on its score matrix (what a PyTorch user writes); for fp16/bf16
+inputs the reference upcasts to fp32 as laclip_scores_reference does.
 Each benchmark's extra_info records:
   gflops          2 Q N K D / time (the crop dot products; the global term and softmax are not counted)
   crop_gbs        N K D bytes / time (crop bytes read once)
-  gemm_fraction   gflops / machine fp32 GEMM rate (benchmarks.machine.gemm_gflops)
+  gemm_fraction   gflops / machine fp32 GEMM rate (benchmarks.machine.gemm_gflops), whatever the input dtype
   read_fraction   crop_gbs / machine read bandwidth (benchmarks.machine.read_bandwidth_gbs)
   peak_extra_mb   extra resident memory of one call (peak RSS during the call minus RSS before it, outputs
                   included; benchmarks.machine.PeakMemory), measured once outside the timed runs
@@ -34,6 +35,7 @@ D, K, TOPK = 512, 4, 10
 RESULTS: dict[tuple, dict] = {}
 SUMMARY_PATH = Path(__file__).resolve().parent.parent / "bench-out" / "laclip_kernel.md"
 _DATA: dict[int, dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]]] = {}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def gallery(n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,7 +48,7 @@ def gallery(n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         c = torch.randn(n, K, D, generator=gen)
         g /= g.norm(dim=-1, keepdim=True)
         c /= c.norm(dim=-1, keepdim=True)
-        _DATA[n] = {torch.float32: (g, c), torch.float16: (g.half(), c.half())}
+        _DATA[n] = {dtype: (g.to(dtype), c.to(dtype)) for dtype in DTYPES.values()}
     return _DATA[n][dtype]
 
 
@@ -83,13 +85,13 @@ def theory_extra_bytes(impl: str, q: int, n: int, op: str) -> int:
 @pytest.mark.parametrize("op", ["top10", "scores"])
 @pytest.mark.parametrize("weights", ["text", "image"])
 @pytest.mark.parametrize("q", [1, 64], ids=lambda q: f"Q{q}")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
 @pytest.mark.parametrize("n", [10_000, 100_000], ids=lambda n: f"N{n // 1000}k")
 def test_laclip_kernel(benchmark, impl: str, n: int, q: int, dtype: torch.dtype, weights: str, op: str) -> None:
     g, c = gallery(n, dtype)
     t = queries(q, dtype)
     fn = (kernel_call if impl == "kernel" else reference_call)(t, g, c, weights, op)
-    dname = "fp32" if dtype == torch.float32 else "fp16"
+    dname = next(name for name, value in DTYPES.items() if value == dtype)
     benchmark.group = f"N={n} Q={q} {dname} {weights} {op}"
     slow = impl == "reference" and q * n >= 64 * 100_000
     benchmark.pedantic(fn, rounds=3 if slow else 7, iterations=1, warmup_rounds=1)

@@ -1,9 +1,9 @@
-// LACLIP fused scoring kernels: shared declarations for the CPU (laclip_cpu.cpp), CUDA (laclip_cuda.cu)
-// and Python binding (bindings.cpp) translation units.
+// LACLIP fused scoring kernels: shared declarations for the CPU (laclip_cpu.cpp), CUDA (laclip_cuda.cu),
+// operator registration (ops.cpp) and Python utility binding (bindings.cpp) translation units.
 //
-// Inputs (validated and made contiguous by bindings.cpp before any kernel runs):
+// Inputs (validated and made contiguous by ops.cpp, the only entry, before any kernel runs):
 //   T [Q, D] text embeddings, G [N, D] global image embeddings, C [N, K, D] crop embeddings,
-//   all float32 or all float16, on one device. Arithmetic is float32 throughout.
+//   all float32, all float16 or all bfloat16, on one device. Arithmetic is float32 throughout.
 // score(q, n) = alpha * (g_n . t_q) + (1 - alpha) * sum_j w_j (c_nj . t_q)
 //   w_j = softmax_j(c_nj . g_n / tau)   (weights_is_text == false, "image")
 //   w_j = softmax_j(c_nj . t_q / tau)   (weights_is_text == true,  "text")
@@ -12,7 +12,9 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <string>
 #include <tuple>
+#include <vector>
 
 namespace laclip {
 
@@ -25,10 +27,14 @@ at::Tensor scores_cpu(const at::Tensor& T, const at::Tensor& G, const at::Tensor
 std::tuple<at::Tensor, at::Tensor> topk_cpu(const at::Tensor& T, const at::Tensor& G, const at::Tensor& C,
                                             int64_t k, double alpha, double tau, bool weights_is_text);
 
-// Which CPU code path runs: "avx512" (runtime-detected) or "generic" (portable loops).
+// CPU code paths, slowest first: "generic" (portable loops), "avx512" (AVX-512F), "avx512_bf16" (AVX-512F plus
+// the BF16 dot-product instruction, used for bfloat16 inputs). All detected at run time.
+// The path in use: the fastest this CPU supports, capped by set_max_isa.
 const char* cpu_isa();
-// Force the generic path (true) or restore automatic detection (false); for tests and benchmarks.
-void set_force_generic(bool force);
+// The paths this CPU can run, slowest first.
+std::vector<std::string> cpu_isas();
+// Cap the path ("generic", "avx512", "avx512_bf16"), or "" to restore automatic selection; for tests/benchmarks.
+void set_max_isa(const std::string& name);
 
 #ifdef LACLIP_WITH_CUDA
 at::Tensor scores_cuda(const at::Tensor& T, const at::Tensor& G, const at::Tensor& C, double alpha, double tau,

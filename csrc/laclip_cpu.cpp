@@ -6,14 +6,19 @@
 // (6 queries x 4 rows, D innermost), then a per-(query, image) epilogue: the K-softmax and weighted sum
 // ("text" weights) or nothing at all ("image" weights: each image's pooled vector
 // p = alpha g + (1 - alpha) sum_j w_j c_j is built once per tile, so the score is the single dot p . t).
-// fp16 rows are converted to fp32 once per tile. Top-k keeps one heap of k entries per (query, image range);
-// heaps are merged at the end, so neither [Q, N, K] nor [Q, N] is ever stored.
+// fp16 and bf16 rows are converted to fp32 once per tile, except bf16 rows with "text" weights on CPUs with the
+// AVX-512 BF16 dot-product instruction (vdpbf16ps), whose micro-kernel reads bf16 queries and rows directly
+// (products exact, fp32 accumulation): half the bytes and twice the multiply-adds per instruction of fp32.
+// Top-k keeps one heap of k entries per (query, image range); heaps are merged at the end, so neither
+// [Q, N, K] nor [Q, N] is ever stored.
 //
-// The hot loops have two implementations: AVX-512 intrinsics (chosen at run time when the CPU has AVX-512F)
-// and portable loops the compiler vectorises at -O3. Both accumulate in fp32.
+// The hot loops have four implementations, chosen at run time (cpu_isa): portable loops the compiler
+// vectorises at -O3 (baseline x86-64: SSE2), AVX2+FMA intrinsics (4-query x 3-row micro-kernel), AVX-512F
+// intrinsics (6 x 4), and AVX-512F plus the BF16 micro-kernel. All accumulate in fp32.
 #include "laclip.h"
 
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
@@ -25,10 +30,15 @@
 #include <vector>
 
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
-#define LACLIP_HAVE_AVX512 1
+#define LACLIP_X86_SIMD 1
 #include <immintrin.h>
+#define LACLIP_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define LACLIP_AVX2_INLINE __attribute__((target("avx2,fma,f16c"), always_inline)) inline
 #define LACLIP_AVX512 __attribute__((target("avx2,fma,f16c,avx512f")))
 #define LACLIP_AVX512_INLINE __attribute__((target("avx2,fma,f16c,avx512f"), always_inline)) inline
+#define LACLIP_AVX512BF16 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512bf16")))
+#define LACLIP_AVX512BF16_INLINE \
+  __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512bf16"), always_inline)) inline
 #endif
 
 namespace laclip {
@@ -53,6 +63,10 @@ struct Kernels {
   // "image" weights, one image: p = alpha g + (1 - alpha) sum_j softmax_j(c_j . g * inv_tau) c_j. w: K floats.
   void (*pool)(const float* g, const float* c, idx_t K, idx_t D, float alpha, float inv_tau, float* w, float* p);
   void (*half_to_float)(const c10::Half* src, float* dst, idx_t n);
+  void (*bf16_to_float)(const c10::BFloat16* src, float* dst, idx_t n);
+  // As dots, on bf16 queries and rows; null where the CPU has no BF16 dot-product instruction.
+  void (*dots_bf16)(const c10::BFloat16* T, idx_t ldt, idx_t nq, const c10::BFloat16* R, idx_t ldr, idx_t nm,
+                    idx_t D, float* out, idx_t ldo);
   const char* name;
 };
 
@@ -113,14 +127,184 @@ void pool_generic(const float* g, const float* c, idx_t K, idx_t D, float alpha,
   }
 }
 
-void half_to_float_generic(const c10::Half* src, float* dst, idx_t n) {
+template <typename scalar_t>
+void to_float_generic(const scalar_t* src, float* dst, idx_t n) {
   for (idx_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
-const Kernels kGeneric{dots_generic, text_epilogue_generic, pool_generic, half_to_float_generic, "generic"};
+const Kernels kGeneric{dots_generic,
+                       text_epilogue_generic,
+                       pool_generic,
+                       to_float_generic<c10::Half>,
+                       to_float_generic<c10::BFloat16>,
+                       nullptr,
+                       "generic"};
+
+// ---------------------------------------------- AVX2 -------------------------------------------------------
+#ifdef LACLIP_X86_SIMD
+
+LACLIP_AVX2_INLINE float hsum256(__m256 v) {
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_add_ss(x, _mm_movehdup_ps(x));
+  return _mm_cvtss_f32(x);
+}
+
+// Lanes [0, count) set, count in 0..8.
+LACLIP_AVX2_INLINE __m256i lanes256(idx_t count) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<idx_t>(count, 8))),
+                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// QB queries x MB rows of dot products with 8-float vectors; QB * MB + MB + 1 <= 16 registers.
+template <int QB, int MB>
+LACLIP_AVX2_INLINE void dot_tile_avx2(const float* T, idx_t ldt, const float* R, idx_t ldr, idx_t D, float* out,
+                                      idx_t ldo) {
+  __m256 acc[QB][MB];
+#pragma GCC unroll 8
+  for (int q = 0; q < QB; ++q)
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m) acc[q][m] = _mm256_setzero_ps();
+  idx_t d = 0;
+  for (; d + 8 <= D; d += 8) {
+    __m256 r[MB];
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m) r[m] = _mm256_loadu_ps(R + m * ldr + d);
+#pragma GCC unroll 8
+    for (int q = 0; q < QB; ++q) {
+      const __m256 t = _mm256_loadu_ps(T + q * ldt + d);
+#pragma GCC unroll 8
+      for (int m = 0; m < MB; ++m) acc[q][m] = _mm256_fmadd_ps(t, r[m], acc[q][m]);
+    }
+  }
+  if (d < D) {
+    const __m256i mk = lanes256(D - d);
+    __m256 r[MB];
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m) r[m] = _mm256_maskload_ps(R + m * ldr + d, mk);
+#pragma GCC unroll 8
+    for (int q = 0; q < QB; ++q) {
+      const __m256 t = _mm256_maskload_ps(T + q * ldt + d, mk);
+#pragma GCC unroll 8
+      for (int m = 0; m < MB; ++m) acc[q][m] = _mm256_fmadd_ps(t, r[m], acc[q][m]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int q = 0; q < QB; ++q)
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m) out[q * ldo + m] = hsum256(acc[q][m]);
+}
+
+template <int QB>
+LACLIP_AVX2 void dots_rows_avx2(const float* T, idx_t ldt, const float* R, idx_t ldr, idx_t nm, idx_t D, float* out,
+                                idx_t ldo) {
+  idx_t m = 0;
+  for (; m + 3 <= nm; m += 3) dot_tile_avx2<QB, 3>(T, ldt, R + m * ldr, ldr, D, out + m, ldo);
+  switch (nm - m) {
+    case 2: dot_tile_avx2<QB, 2>(T, ldt, R + m * ldr, ldr, D, out + m, ldo); break;
+    case 1: dot_tile_avx2<QB, 1>(T, ldt, R + m * ldr, ldr, D, out + m, ldo); break;
+    default: break;
+  }
+}
+
+// Query blocks of 4 (4 x 3 accumulators + 3 rows + 1 query = 16 ymm registers).
+LACLIP_AVX2 void dots_avx2(const float* T, idx_t ldt, idx_t nq, const float* R, idx_t ldr, idx_t nm, idx_t D,
+                           float* out, idx_t ldo) {
+  idx_t q = 0;
+  for (; q + 4 <= nq; q += 4) dots_rows_avx2<4>(T + q * ldt, ldt, R, ldr, nm, D, out + q * ldo, ldo);
+  const float* t = T + q * ldt;
+  float* o = out + q * ldo;
+  switch (nq - q) {
+    case 3: dots_rows_avx2<3>(t, ldt, R, ldr, nm, D, o, ldo); break;
+    case 2: dots_rows_avx2<2>(t, ldt, R, ldr, nm, D, o, ldo); break;
+    case 1: dots_rows_avx2<1>(t, ldt, R, ldr, nm, D, o, ldo); break;
+    default: break;
+  }
+}
+
+// exp(x) for x <= 0 (the Cephes polynomial of exp512); x below -87 gives 2^-126-ish instead of 0.
+LACLIP_AVX2_INLINE __m256 exp256(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
+  x = _mm256_min_ps(x, _mm256_set1_ps(0.f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i pow2n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(pow2n));
+}
+
+LACLIP_AVX2 void text_epilogue_avx2(const float* sg, const float* sc, idx_t nb, idx_t K, float alpha,
+                                    float inv_tau, float* out) {
+  const __m256i offsets = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                             _mm256_set1_epi32(static_cast<int>(K)));
+  const __m256 va = _mm256_set1_ps(alpha), vb = _mm256_set1_ps(1.f - alpha), vt = _mm256_set1_ps(inv_tau);
+  const __m256 zero = _mm256_setzero_ps();
+  for (idx_t n = 0; n < nb; n += 8) {
+    const __m256i mk = lanes256(nb - n);
+    const __m256 mkf = _mm256_castsi256_ps(mk);
+    const float* base = sc + n * K;
+    __m256 mx = _mm256_mask_i32gather_ps(zero, base, offsets, mkf, 4);
+    for (idx_t j = 1; j < K; ++j) mx = _mm256_max_ps(mx, _mm256_mask_i32gather_ps(zero, base + j, offsets, mkf, 4));
+    __m256 esum = zero, ws = zero;
+    for (idx_t j = 0; j < K; ++j) {
+      const __m256 s = _mm256_mask_i32gather_ps(zero, base + j, offsets, mkf, 4);
+      const __m256 e = exp256(_mm256_mul_ps(_mm256_sub_ps(s, mx), vt));
+      esum = _mm256_add_ps(esum, e);
+      ws = _mm256_fmadd_ps(e, s, ws);
+    }
+    const __m256 g = _mm256_maskload_ps(sg + n, mk);
+    const __m256 res = _mm256_fmadd_ps(va, g, _mm256_mul_ps(vb, _mm256_div_ps(ws, esum)));
+    _mm256_maskstore_ps(out + n, mk, res);
+  }
+}
+
+LACLIP_AVX2 void pool_avx2(const float* g, const float* c, idx_t K, idx_t D, float alpha, float inv_tau, float* w,
+                           float* p) {
+  dots_avx2(g, D, 1, c, D, K, D, w, K);
+  scaled_softmax(w, K, alpha, inv_tau);
+  const __m256 va = _mm256_set1_ps(alpha);
+  for (idx_t d = 0; d < D; d += 8) {
+    const __m256i mk = lanes256(D - d);
+    __m256 acc = _mm256_mul_ps(va, _mm256_maskload_ps(g + d, mk));
+    for (idx_t j = 0; j < K; ++j)
+      acc = _mm256_fmadd_ps(_mm256_set1_ps(w[j]), _mm256_maskload_ps(c + j * D + d, mk), acc);
+    _mm256_maskstore_ps(p + d, mk, acc);
+  }
+}
+
+LACLIP_AVX2 void half_to_float_avx2(const c10::Half* src, float* dst, idx_t n) {
+  idx_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+LACLIP_AVX2 void bf16_to_float_avx2(const c10::BFloat16* src, float* dst, idx_t n) {
+  idx_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
+    _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16)));
+  }
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+const Kernels kAvx2{dots_avx2,         text_epilogue_avx2, pool_avx2, half_to_float_avx2,
+                    bf16_to_float_avx2, nullptr,            "avx2"};
+
+bool cpu_has_avx2() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
 
 // ---------------------------------------------- AVX-512 -----------------------------------------------------
-#ifdef LACLIP_HAVE_AVX512
 
 LACLIP_AVX512_INLINE __mmask16 tail_mask(idx_t count) {
   return count >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << count) - 1u);
@@ -301,23 +485,145 @@ LACLIP_AVX512 void half_to_float_avx512(const c10::Half* src, float* dst, idx_t 
   for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
-const Kernels kAvx512{dots_avx512, text_epilogue_avx512, pool_avx512, half_to_float_avx512, "avx512"};
+LACLIP_AVX512 void bf16_to_float_avx512(const c10::BFloat16* src, float* dst, idx_t n) {
+  idx_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i)));
+    _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16)));
+  }
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+// dot_tile on bf16 data: 32 elements per step; vdpbf16ps adds the products of element pairs (2i, 2i + 1) into
+// fp32 lane i, so each accumulator's lanes still sum to the full dot product.
+template <int QB, int MB, bool PF>
+LACLIP_AVX512BF16_INLINE void dot_tile_bf16(const c10::BFloat16* T, idx_t ldt, const c10::BFloat16* R, idx_t ldr,
+                                            idx_t D, float* out, idx_t ldo) {
+  __m512 acc[QB][MB];
+#pragma GCC unroll 8
+  for (int q = 0; q < QB; ++q)
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m) acc[q][m] = _mm512_setzero_ps();
+  idx_t d = 0;
+  for (; d + 32 <= D; d += 32) {
+    __m512bh r[MB];
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m) r[m] = (__m512bh)_mm512_loadu_si512(R + m * ldr + d);
+    if constexpr (PF) {
+#pragma GCC unroll 8
+      for (int m = 0; m < MB; ++m)
+        _mm_prefetch(reinterpret_cast<const char*>(R + (m + MB) * ldr + d), _MM_HINT_T0);
+    }
+#pragma GCC unroll 8
+    for (int q = 0; q < QB; ++q) {
+      const __m512bh t = (__m512bh)_mm512_loadu_si512(T + q * ldt + d);
+#pragma GCC unroll 8
+      for (int m = 0; m < MB; ++m) acc[q][m] = _mm512_dpbf16_ps(acc[q][m], t, r[m]);
+    }
+  }
+  if (d < D) {
+    const __mmask32 mk = _cvtu32_mask32((1u << (D - d)) - 1u);  // D - d in 1..31
+    __m512bh r[MB];
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m) r[m] = (__m512bh)_mm512_maskz_loadu_epi16(mk, R + m * ldr + d);
+#pragma GCC unroll 8
+    for (int q = 0; q < QB; ++q) {
+      const __m512bh t = (__m512bh)_mm512_maskz_loadu_epi16(mk, T + q * ldt + d);
+#pragma GCC unroll 8
+      for (int m = 0; m < MB; ++m) acc[q][m] = _mm512_dpbf16_ps(acc[q][m], t, r[m]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int q = 0; q < QB; ++q) {
+    const __m512 z = _mm512_setzero_ps();
+    const __m128 sums = hsum4(acc[q][0], MB > 1 ? acc[q][MB > 1 ? 1 : 0] : z, MB > 2 ? acc[q][MB > 2 ? 2 : 0] : z,
+                              MB > 3 ? acc[q][MB > 3 ? 3 : 0] : z);
+    alignas(16) float tmp[4];
+    _mm_store_ps(tmp, sums);
+#pragma GCC unroll 4
+    for (int m = 0; m < MB; ++m) out[q * ldo + m] = tmp[m];
+  }
+}
+
+template <int QB, bool PF>
+LACLIP_AVX512BF16 void dots_rows_bf16(const c10::BFloat16* T, idx_t ldt, const c10::BFloat16* R, idx_t ldr,
+                                      idx_t nm, idx_t D, float* out, idx_t ldo) {
+  idx_t m = 0;
+  for (; m + 4 <= nm; m += 4) dot_tile_bf16<QB, 4, PF>(T, ldt, R + m * ldr, ldr, D, out + m, ldo);
+  switch (nm - m) {
+    case 3: dot_tile_bf16<QB, 3, false>(T, ldt, R + m * ldr, ldr, D, out + m, ldo); break;
+    case 2: dot_tile_bf16<QB, 2, false>(T, ldt, R + m * ldr, ldr, D, out + m, ldo); break;
+    case 1: dot_tile_bf16<QB, 1, false>(T, ldt, R + m * ldr, ldr, D, out + m, ldo); break;
+    default: break;
+  }
+}
+
+template <int QB>
+LACLIP_AVX512BF16 void dots_block_bf16(bool first, const c10::BFloat16* T, idx_t ldt, const c10::BFloat16* R,
+                                       idx_t ldr, idx_t nm, idx_t D, float* out, idx_t ldo) {
+  if (first)
+    dots_rows_bf16<QB, true>(T, ldt, R, ldr, nm, D, out, ldo);
+  else
+    dots_rows_bf16<QB, false>(T, ldt, R, ldr, nm, D, out, ldo);
+}
+
+// As dots_avx512: query blocks of 6, the first block streams the rows from memory.
+LACLIP_AVX512BF16 void dots_avx512_bf16(const c10::BFloat16* T, idx_t ldt, idx_t nq, const c10::BFloat16* R,
+                                        idx_t ldr, idx_t nm, idx_t D, float* out, idx_t ldo) {
+  idx_t q = 0;
+  for (; q + 6 <= nq; q += 6) dots_block_bf16<6>(q == 0, T + q * ldt, ldt, R, ldr, nm, D, out + q * ldo, ldo);
+  const c10::BFloat16* t = T + q * ldt;
+  float* o = out + q * ldo;
+  const bool first = q == 0;
+  switch (nq - q) {
+    case 5: dots_block_bf16<5>(first, t, ldt, R, ldr, nm, D, o, ldo); break;
+    case 4: dots_block_bf16<4>(first, t, ldt, R, ldr, nm, D, o, ldo); break;
+    case 3: dots_block_bf16<3>(first, t, ldt, R, ldr, nm, D, o, ldo); break;
+    case 2: dots_block_bf16<2>(first, t, ldt, R, ldr, nm, D, o, ldo); break;
+    case 1: dots_block_bf16<1>(first, t, ldt, R, ldr, nm, D, o, ldo); break;
+    default: break;
+  }
+}
+
+const Kernels kAvx512{dots_avx512,          text_epilogue_avx512, pool_avx512, half_to_float_avx512,
+                      bf16_to_float_avx512, nullptr,              "avx512"};
+const Kernels kAvx512Bf16{dots_avx512,          text_epilogue_avx512, pool_avx512,   half_to_float_avx512,
+                          bf16_to_float_avx512, dots_avx512_bf16,     "avx512_bf16"};
 
 bool cpu_has_avx512() {
   static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2") &&
                          __builtin_cpu_supports("fma");
   return ok;
 }
-#else
-bool cpu_has_avx512() { return false; }
+
+bool cpu_has_avx512_bf16() {
+  static const bool ok =
+      cpu_has_avx512() && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512bf16");
+  return ok;
+}
 #endif
 
-std::atomic<bool> g_force_generic{false};
+// The CPU paths, slowest first (kPathNames); null for a path this CPU cannot run.
+constexpr int kPaths = 4;
+const char* const kPathNames[kPaths] = {"generic", "avx2", "avx512", "avx512_bf16"};
+
+const Kernels* path_kernels(int path) {
+  switch (path) {
+    case 0: return &kGeneric;
+#ifdef LACLIP_X86_SIMD
+    case 1: return cpu_has_avx2() ? &kAvx2 : nullptr;
+    case 2: return cpu_has_avx512() ? &kAvx512 : nullptr;
+    case 3: return cpu_has_avx512_bf16() ? &kAvx512Bf16 : nullptr;
+#endif
+    default: return nullptr;
+  }
+}
+
+std::atomic<int> g_max_path{kPaths - 1};
 
 const Kernels& kernels() {
-#ifdef LACLIP_HAVE_AVX512
-  if (!g_force_generic.load() && cpu_has_avx512()) return kAvx512;
-#endif
+  for (int path = g_max_path.load(); path > 0; --path)
+    if (const Kernels* k = path_kernels(path)) return *k;
   return kGeneric;
 }
 
@@ -384,7 +690,10 @@ struct Problem {
   const float* Gf = nullptr;
   const float* Cf = nullptr;  // fp32 rows, or
   const c10::Half* Gh = nullptr;
-  const c10::Half* Ch = nullptr;  // fp16 rows
+  const c10::Half* Ch = nullptr;  // fp16 rows, or
+  const c10::BFloat16* Tb = nullptr;
+  const c10::BFloat16* Gb = nullptr;
+  const c10::BFloat16* Cb = nullptr;  // bf16 queries and rows
   idx_t Q = 0, N = 0, K = 0, D = 0;
   float alpha = 0.f, inv_tau = 1.f;
   bool text = false;
@@ -401,24 +710,23 @@ idx_t tile_images(idx_t K, idx_t D) {
 void run_chunk(const Problem& P, const Kernels& kern, idx_t qa, idx_t qb, idx_t na, idx_t nb, idx_t tile,
                float* scores, Heaps* heaps) {
   const idx_t K = P.K, D = P.D;
-  const bool half = P.Gh != nullptr;
-  std::vector<float> gbuf(half ? tile * D : 0), cbuf(half ? tile * K * D : 0);
+  const bool bf16_dots = P.text && P.Gb != nullptr && kern.dots_bf16 != nullptr;  // no conversion at all
+  const bool convert = (P.Gh != nullptr || P.Gb != nullptr) && !bf16_dots;
+  std::vector<float> gbuf(convert ? tile * D : 0), cbuf(convert ? tile * K * D : 0);
   std::vector<float> pbuf(P.text ? 0 : tile * D), wbuf(K);
   const idx_t qg = std::min(kQueryGroup, qb - qa);
   std::vector<float> sg(qg * tile), sc(P.text ? qg * tile * K : 0), row(tile);
 
   for (idx_t n0 = na; n0 < nb; n0 += tile) {
     const idx_t nt = std::min(tile, nb - n0);
-    const float* g;
-    const float* c;
-    if (half) {
+    const float* g = P.Gf ? P.Gf + n0 * D : gbuf.data();
+    const float* c = P.Cf ? P.Cf + n0 * K * D : cbuf.data();
+    if (convert && P.Gh) {
       kern.half_to_float(P.Gh + n0 * D, gbuf.data(), nt * D);
       kern.half_to_float(P.Ch + n0 * K * D, cbuf.data(), nt * K * D);
-      g = gbuf.data();
-      c = cbuf.data();
-    } else {
-      g = P.Gf + n0 * D;
-      c = P.Cf + n0 * K * D;
+    } else if (convert) {
+      kern.bf16_to_float(P.Gb + n0 * D, gbuf.data(), nt * D);
+      kern.bf16_to_float(P.Cb + n0 * K * D, cbuf.data(), nt * K * D);
     }
     if (!P.text) {
       for (idx_t i = 0; i < nt; ++i)
@@ -427,9 +735,15 @@ void run_chunk(const Problem& P, const Kernels& kern, idx_t qa, idx_t qb, idx_t 
     for (idx_t q0 = qa; q0 < qb; q0 += qg) {
       const idx_t nq = std::min(qg, qb - q0);
       const float* t = P.T + q0 * D;
-      if (P.text) {
+      if (bf16_dots) {
+        const c10::BFloat16* tb = P.Tb + q0 * D;
+        kern.dots_bf16(tb, D, nq, P.Gb + n0 * D, D, nt, D, sg.data(), nt);
+        kern.dots_bf16(tb, D, nq, P.Cb + n0 * K * D, D, nt * K, D, sc.data(), nt * K);
+      } else if (P.text) {
         kern.dots(t, D, nq, g, D, nt, D, sg.data(), nt);
         kern.dots(t, D, nq, c, D, nt * K, D, sc.data(), nt * K);
+      }
+      if (P.text) {
         for (idx_t i = 0; i < nq; ++i) {
           float* dst = scores ? scores + (q0 + i) * P.N + n0 : row.data();
           kern.text_epilogue(sg.data() + i * nt, sc.data() + i * nt * K, nt, K, P.alpha, P.inv_tau, dst);
@@ -465,16 +779,24 @@ Plan make_plan(const Problem& P) {
   return plan;
 }
 
-Problem make_problem(const at::Tensor& Tf, const at::Tensor& G, const at::Tensor& C, double alpha, double tau,
-                     bool text) {
+// T, G, C: contiguous, one dtype; Tf: T as contiguous fp32.
+Problem make_problem(const at::Tensor& T, const at::Tensor& Tf, const at::Tensor& G, const at::Tensor& C,
+                     double alpha, double tau, bool text) {
   Problem P;
   P.T = Tf.data_ptr<float>();
-  if (G.scalar_type() == at::kHalf) {
-    P.Gh = reinterpret_cast<const c10::Half*>(G.data_ptr<at::Half>());
-    P.Ch = reinterpret_cast<const c10::Half*>(C.data_ptr<at::Half>());
-  } else {
-    P.Gf = G.data_ptr<float>();
-    P.Cf = C.data_ptr<float>();
+  switch (G.scalar_type()) {
+    case at::kHalf:
+      P.Gh = G.data_ptr<at::Half>();
+      P.Ch = C.data_ptr<at::Half>();
+      break;
+    case at::kBFloat16:
+      P.Tb = T.data_ptr<at::BFloat16>();
+      P.Gb = G.data_ptr<at::BFloat16>();
+      P.Cb = C.data_ptr<at::BFloat16>();
+      break;
+    default:
+      P.Gf = G.data_ptr<float>();
+      P.Cf = C.data_ptr<float>();
   }
   P.Q = Tf.size(0);
   P.D = Tf.size(1);
@@ -491,12 +813,28 @@ Problem make_problem(const at::Tensor& Tf, const at::Tensor& G, const at::Tensor
 
 const char* cpu_isa() { return kernels().name; }
 
-void set_force_generic(bool force) { g_force_generic.store(force); }
+std::vector<std::string> cpu_isas() {
+  std::vector<std::string> names;
+  for (int path = 0; path < kPaths; ++path)
+    if (path_kernels(path) != nullptr) names.emplace_back(kPathNames[path]);
+  return names;
+}
+
+void set_max_isa(const std::string& name) {
+  if (name.empty()) {
+    g_max_path.store(kPaths - 1);
+    return;
+  }
+  const auto* found = std::find(kPathNames, kPathNames + kPaths, name);
+  TORCH_CHECK_VALUE(found != kPathNames + kPaths, "laclip: unknown CPU path '", name,
+                    "'; expected generic, avx2, avx512 or avx512_bf16");
+  g_max_path.store(static_cast<int>(found - kPathNames));
+}
 
 at::Tensor scores_cpu(const at::Tensor& T, const at::Tensor& G, const at::Tensor& C, double alpha, double tau,
                       bool weights_is_text) {
   const at::Tensor Tf = T.to(at::kFloat).contiguous();
-  const Problem P = make_problem(Tf, G, C, alpha, tau, weights_is_text);
+  const Problem P = make_problem(T, Tf, G, C, alpha, tau, weights_is_text);
   const Kernels& kern = kernels();
   const Plan plan = make_plan(P);
   at::Tensor out = at::empty({P.Q, P.N}, T.options().dtype(at::kFloat));
@@ -514,7 +852,7 @@ at::Tensor scores_cpu(const at::Tensor& T, const at::Tensor& G, const at::Tensor
 std::tuple<at::Tensor, at::Tensor> topk_cpu(const at::Tensor& T, const at::Tensor& G, const at::Tensor& C,
                                             int64_t k, double alpha, double tau, bool weights_is_text) {
   const at::Tensor Tf = T.to(at::kFloat).contiguous();
-  const Problem P = make_problem(Tf, G, C, alpha, tau, weights_is_text);
+  const Problem P = make_problem(T, Tf, G, C, alpha, tau, weights_is_text);
   const Kernels& kern = kernels();
   const Plan plan = make_plan(P);
   std::vector<Heaps> heaps;

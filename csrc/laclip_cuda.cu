@@ -3,12 +3,15 @@
 // One warp scores one image against a group of kQPW queries: lanes stride over D, so every global/crop row is
 // read once per query group (coalesced) and reused from registers for all queries of the group; partial dots are
 // reduced with warp shuffles. The K-softmax is computed online (running max, running sum of exponentials and
-// running weighted sum), so no per-crop array is kept and no [Q, N, K] intermediate exists. fp32 accumulation.
+// running weighted sum), so no per-crop array is kept and no [Q, N, K] intermediate exists. fp32 accumulation;
+// float32, float16 and bfloat16 inputs.
 //
-// Top-k never stores [Q, N]: images are scored in chunks of NC columns into a [Q, NC] buffer, and each chunk is
-// merged with the running [Q, k] best list by a stable descending sort (running entries first, then the chunk in
-// image order), so equal scores keep the lower image index. Extra memory: O(Q * (k + NC)).
+// Top-k never stores [Q, N]: chunked_topk (topk_chunks.h) cuts the work into chunks of queries x images within a
+// fixed memory budget; the kernel writes each chunk as int64 sort keys (score, then lower index), which
+// torch.topk selects from and merges with the running best list. Extra memory: at most kTopkBudgetBytes for any Q
+// (unless k alone needs more for one query).
 #include "laclip.h"
+#include "topk_chunks.h"
 
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
@@ -27,6 +30,7 @@ constexpr int kQPW = 4;  // queries per warp
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(at::Half x) { return static_cast<float>(x); }
+__device__ __forceinline__ float to_float(at::BFloat16 x) { return static_cast<float>(x); }
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -34,13 +38,14 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// Scores of images [n_begin, n_begin + n_count) for all Q queries, into out[q * ldo + (n - n_begin)].
+// Scores of images [n_begin, n_begin + n_count) for Q queries (rows of T), into out[q * n_count + (n - n_begin)],
+// or, when keys is not null, their top-k sort keys into keys[q * n_count + (n - n_begin)].
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     laclip_scores_kernel(const float* __restrict__ T, const scalar_t* __restrict__ G,
                          const scalar_t* __restrict__ C, int64_t Q, int64_t K, int64_t D, float alpha,
                          float inv_tau, bool text, int64_t n_begin, int64_t n_count, float* __restrict__ out,
-                         int64_t ldo) {
+                         int64_t* __restrict__ keys) {
   const int lane = threadIdx.x & 31;
   const int64_t qgroups = (Q + kQPW - 1) / kQPW;
   const int64_t total = n_count * qgroups;
@@ -99,31 +104,50 @@ __global__ void __launch_bounds__(kThreads)
     }
     if (lane == 0) {
 #pragma unroll
-      for (int i = 0; i < kQPW; ++i)
-        if (q0 + i < Q) out[(q0 + i) * ldo + (n - n_begin)] = alpha * gs[i] + (1.f - alpha) * (wsum[i] / esum[i]);
+      for (int i = 0; i < kQPW; ++i) {
+        if (q0 + i >= Q) continue;
+        const float score = alpha * gs[i] + (1.f - alpha) * (wsum[i] / esum[i]);
+        const int64_t pos = (q0 + i) * n_count + (n - n_begin);
+        if (keys != nullptr)
+          keys[pos] = topk_key(score, n);
+        else
+          out[pos] = score;
+      }
     }
   }
 }
 
-void launch_scores(const at::Tensor& Tf, const at::Tensor& G, const at::Tensor& C, double alpha, double tau,
-                   bool text, int64_t n_begin, int64_t n_count, float* out, int64_t ldo) {
-  const int64_t Q = Tf.size(0), D = Tf.size(1), K = C.size(1);
-  const int64_t total_warps = n_count * ((Q + kQPW - 1) / kQPW);
+// Scores (out) or sort keys (keys) of queries [q0, q0 + q_count) x images [n_begin, n_begin + n_count).
+template <typename scalar_t>
+void launch_typed(const at::Tensor& Tf, const at::Tensor& G, const at::Tensor& C, float alpha, float inv_tau,
+                  bool text, int64_t q0, int64_t q_count, int64_t n_begin, int64_t n_count, float* out,
+                  int64_t* keys) {
+  const int64_t D = Tf.size(1), K = C.size(1);
+  const int64_t total_warps = n_count * ((q_count + kQPW - 1) / kQPW);
   const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>((total_warps + kWarps - 1) / kWarps, 1 << 20));
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  laclip_scores_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+      Tf.data_ptr<float>() + q0 * D, G.data_ptr<scalar_t>(), C.data_ptr<scalar_t>(), q_count, K, D, alpha,
+      inv_tau, text, n_begin, n_count, out, keys);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void launch_scores(const at::Tensor& Tf, const at::Tensor& G, const at::Tensor& C, double alpha, double tau,
+                   bool text, int64_t q0, int64_t q_count, int64_t n_begin, int64_t n_count, float* out,
+                   int64_t* keys) {
   const float inv_tau =
       static_cast<float>(std::min<double>(1.0 / tau, static_cast<double>(std::numeric_limits<float>::max())));
   const float a = static_cast<float>(alpha);
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (G.scalar_type() == at::kHalf) {
-    laclip_scores_kernel<at::Half><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-        Tf.data_ptr<float>(), G.data_ptr<at::Half>(), C.data_ptr<at::Half>(), Q, K, D, a, inv_tau, text, n_begin,
-        n_count, out, ldo);
-  } else {
-    laclip_scores_kernel<float><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-        Tf.data_ptr<float>(), G.data_ptr<float>(), C.data_ptr<float>(), Q, K, D, a, inv_tau, text, n_begin,
-        n_count, out, ldo);
+  switch (G.scalar_type()) {
+    case at::kHalf:
+      launch_typed<at::Half>(Tf, G, C, a, inv_tau, text, q0, q_count, n_begin, n_count, out, keys);
+      break;
+    case at::kBFloat16:
+      launch_typed<at::BFloat16>(Tf, G, C, a, inv_tau, text, q0, q_count, n_begin, n_count, out, keys);
+      break;
+    default:
+      launch_typed<float>(Tf, G, C, a, inv_tau, text, q0, q_count, n_begin, n_count, out, keys);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
@@ -134,7 +158,7 @@ at::Tensor scores_cuda(const at::Tensor& T, const at::Tensor& G, const at::Tenso
   const at::Tensor Tf = T.to(at::kFloat).contiguous();
   const int64_t Q = T.size(0), N = G.size(0);
   at::Tensor out = at::empty({Q, N}, T.options().dtype(at::kFloat));
-  launch_scores(Tf, G, C, alpha, tau, weights_is_text, 0, N, out.data_ptr<float>(), N);
+  launch_scores(Tf, G, C, alpha, tau, weights_is_text, 0, Q, 0, N, out.data_ptr<float>(), nullptr);
   return out;
 }
 
@@ -143,24 +167,12 @@ std::tuple<at::Tensor, at::Tensor> topk_cuda(const at::Tensor& T, const at::Tens
   const c10::cuda::CUDAGuard guard(T.device());
   const at::Tensor Tf = T.to(at::kFloat).contiguous();
   const int64_t Q = T.size(0), N = G.size(0);
-  // Chunk width: about 16M floats of buffer, at least 1024 columns, at most N.
-  const int64_t chunk = std::min<int64_t>(N, std::max<int64_t>(1024, (int64_t{1} << 24) / Q));
-  at::Tensor buffer = at::empty({Q, chunk}, T.options().dtype(at::kFloat));
-  at::Tensor best_val = at::empty({Q, 0}, T.options().dtype(at::kFloat));
-  at::Tensor best_idx = at::empty({Q, 0}, T.options().dtype(at::kLong));
-  for (int64_t n0 = 0; n0 < N; n0 += chunk) {
-    const int64_t nc = std::min(chunk, N - n0);
-    launch_scores(Tf, G, C, alpha, tau, weights_is_text, n0, nc, buffer.data_ptr<float>(), chunk);
-    const at::Tensor ids = at::arange(n0, n0 + nc, T.options().dtype(at::kLong)).unsqueeze(0).expand({Q, nc});
-    const at::Tensor vals = at::cat({best_val, buffer.narrow(1, 0, nc)}, 1);
-    const at::Tensor idx = at::cat({best_idx, ids}, 1);
-    const auto sorted = at::sort(vals, /*stable=*/true, /*dim=*/1, /*descending=*/true);
-    const int64_t take = std::min<int64_t>(k, vals.size(1));
-    const at::Tensor order = std::get<1>(sorted).narrow(1, 0, take);
-    best_val = std::get<0>(sorted).narrow(1, 0, take).contiguous();
-    best_idx = idx.gather(1, order);
-  }
-  return {best_val, best_idx};
+  const TopkPlan plan = plan_topk_chunks(Q, N, k);
+  return chunked_topk(Q, N, k, plan, T.options(),
+                      [&](int64_t q0, int64_t q_count, int64_t n0, int64_t n_count, at::Tensor& keys) {
+                        launch_scores(Tf, G, C, alpha, tau, weights_is_text, q0, q_count, n0, n_count, nullptr,
+                                      keys.data_ptr<int64_t>());
+                      });
 }
 
 }  // namespace laclip

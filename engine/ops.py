@@ -1,14 +1,19 @@
-"""Typed wrappers over the native LACLIP kernel, engine._laclip_ext (this module is its only importer).
+"""Typed wrappers over the native LACLIP operators torch.ops.cnclip.* (built as engine._laclip_ext).
 
 laclip_scores gives the full [Q, N] float32 score matrix; laclip_topk the fused top-k (no [Q, N] matrix is
 stored). Both take text embeddings T [Q, D], global image embeddings G [N, D] and crop embeddings C [N, K, D]
-(float32 or float16, one dtype, one device; L2-normalised), accumulate in float32, and return tensors on the
-inputs' device. The math and the pure-PyTorch truth they are tested against are in engine.laclip.
-Bad inputs raise engine.errors.InputError naming the tensor; a missing build raises ExtensionNotBuiltError.
+(float32, float16 or bfloat16, one dtype, one device; L2-normalised), accumulate in float32, and return tensors on
+the inputs' device. The math and the pure-PyTorch truth they are tested against are in engine.laclip.
+
+The operators are registered with torch.library (csrc/ops.cpp): torch dispatches CPU/CUDA inputs to their kernel,
+and the fake kernels below give torch.compile the output shapes, so `torch.ops.cnclip.laclip_scores` /
+`laclip_topk` also work inside `torch.compile(fullgraph=True)`. The C++ entry checks every input and raises
+ValueError naming the tensor; the wrappers here translate the Python API (weights="image"/"text", typed
+arguments) and re-raise those ValueErrors as engine.errors.InputError. A missing build raises
+ExtensionNotBuiltError.
 """
 from __future__ import annotations
 
-import math
 import operator
 from typing import Any
 
@@ -17,7 +22,7 @@ import torch
 from .errors import InputError
 
 try:
-    from . import _laclip_ext as _ext
+    from . import _laclip_ext as _ext  # importing it registers torch.ops.cnclip.*
 except ImportError as _exc:  # not built (or built against another torch)
     _ext: Any = None
     _IMPORT_ERROR: ImportError | None = _exc
@@ -26,6 +31,7 @@ else:
 
 BUILD_HINT = "build it with `pip install --no-build-isolation -e .` (after installing torch)"
 WEIGHT_MODES = ("image", "text")
+TENSOR_NAMES = ("text embeddings T", "global image embeddings G", "crop embeddings C")
 
 
 class ExtensionNotBuiltError(ImportError):
@@ -43,13 +49,23 @@ def cuda_available() -> bool:
 
 
 def cpu_isa() -> str:
-    """The CPU code path the extension runs: 'avx512' or 'generic'."""
+    """The CPU code path the extension runs: 'avx512_bf16', 'avx512' or 'generic' (detected at run time)."""
     return str(_require().cpu_isa())
 
 
+def cpu_isas() -> list[str]:
+    """The CPU code paths this CPU can run, slowest first."""
+    return [str(name) for name in _require().cpu_isas()]
+
+
+def set_max_isa(name: str | None) -> None:
+    """Cap the CPU code path at `name` (one of cpu_isas(); tests and benchmarks); None restores detection."""
+    _require().set_max_isa(name or "")
+
+
 def set_force_generic(force: bool) -> None:
-    """Force the portable CPU loops instead of AVX-512 (tests and benchmarks); False restores detection."""
-    _require().set_force_generic(bool(force))
+    """Force the portable CPU loops (True) or restore run-time detection (False)."""
+    set_max_isa("generic" if force else None)
 
 
 def _require() -> Any:
@@ -58,8 +74,9 @@ def _require() -> Any:
     return _ext
 
 
-def _check_args(tensors: dict[str, Any], alpha: float, tau: float, weights: str) -> tuple[float, float, bool]:
-    for name, value in tensors.items():
+def _op_args(t: Any, g: Any, c: Any, alpha: Any, tau: Any, weights: Any) -> tuple:
+    """The operator's arguments from the Python API's (types only: the C++ entry checks the values)."""
+    for name, value in zip(TENSOR_NAMES, (t, g, c)):
         if not isinstance(value, torch.Tensor):
             raise InputError(f"laclip: {name} must be a torch.Tensor, got {type(value).__name__}")
     if weights not in WEIGHT_MODES:
@@ -68,42 +85,43 @@ def _check_args(tensors: dict[str, Any], alpha: float, tau: float, weights: str)
         alpha, tau = float(alpha), float(tau)
     except (TypeError, ValueError):
         raise InputError(f"laclip: alpha and tau must be numbers, got {alpha!r} and {tau!r}") from None
-    if not 0.0 <= alpha <= 1.0:
-        raise InputError(f"laclip: alpha must be in [0, 1], got {alpha!r}")
-    if not (tau > 0.0 and not math.isnan(tau)):
-        raise InputError(f"laclip: tau must be > 0, got {tau!r}")
-    return alpha, tau, weights == "text"
+    return t, g, c, alpha, tau, weights == "text"
 
 
-def _call(fn: Any, *args: Any) -> Any:
+def _call(op: Any, *args: Any) -> Any:
     try:
-        return fn(*args)
-    except (ValueError, RuntimeError) as exc:  # the extension's validation errors all start with "laclip:"
-        if isinstance(exc, ValueError) or str(exc).startswith("laclip:"):
-            raise InputError(str(exc).split("\nException raised from")[0]) from exc
-        raise
+        return op(*args)
+    except ValueError as exc:  # the C++ entry's input checks (TORCH_CHECK_VALUE)
+        raise InputError(str(exc)) from exc
 
 
 def laclip_scores(t: torch.Tensor, g: torch.Tensor, c: torch.Tensor, *, alpha: float, tau: float,
                   weights: str) -> torch.Tensor:
     """[Q, N] float32 LACLIP scores of T [Q, D] against G [N, D] / C [N, K, D] (no [Q, N, K] intermediate)."""
-    ext = _require()
-    alpha, tau, is_text = _check_args({"text embeddings T": t, "global image embeddings G": g,
-                                       "crop embeddings C": c}, alpha, tau, weights)
-    return _call(ext.scores, t, g, c, alpha, tau, is_text)
+    _require()
+    return _call(torch.ops.cnclip.laclip_scores, *_op_args(t, g, c, alpha, tau, weights))
 
 
 def laclip_topk(t: torch.Tensor, g: torch.Tensor, c: torch.Tensor, *, k: int, alpha: float, tau: float,
                 weights: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused top-k: (values [Q, k] float32, indices [Q, k] int64), best first, ties to the lower index."""
-    ext = _require()
-    alpha, tau, is_text = _check_args({"text embeddings T": t, "global image embeddings G": g,
-                                       "crop embeddings C": c}, alpha, tau, weights)
-    try:
-        if isinstance(k, bool):
-            raise TypeError
-        k = operator.index(k)
-    except TypeError:
-        raise InputError(f"laclip: k must be an int, got {k!r}") from None
-    values, indices = _call(ext.topk, t, g, c, k, alpha, tau, is_text)
+    _require()
+    t, g, c, alpha, tau, text = _op_args(t, g, c, alpha, tau, weights)
+    if isinstance(k, bool) or not hasattr(k, "__index__"):
+        raise InputError(f"laclip: k must be an int, got {k!r}")
+    values, indices = _call(torch.ops.cnclip.laclip_topk, t, g, c, operator.index(k), alpha, tau, text)
     return values, indices
+
+
+if _ext is not None:
+    # Output shapes for torch.compile / FakeTensor tracing; the values are checked when the real kernel runs.
+    @torch.library.register_fake("cnclip::laclip_scores")
+    def _laclip_scores_fake(t: torch.Tensor, g: torch.Tensor, c: torch.Tensor, alpha: float, tau: float,
+                            text_weights: bool) -> torch.Tensor:
+        return t.new_empty((t.shape[0], g.shape[0]), dtype=torch.float32)
+
+    @torch.library.register_fake("cnclip::laclip_topk")
+    def _laclip_topk_fake(t: torch.Tensor, g: torch.Tensor, c: torch.Tensor, k: int, alpha: float, tau: float,
+                          text_weights: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        return (t.new_empty((t.shape[0], k), dtype=torch.float32),
+                t.new_empty((t.shape[0], k), dtype=torch.int64))

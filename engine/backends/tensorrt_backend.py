@@ -1,6 +1,12 @@
-"""TensorRT 10 towers: deserialised engines run by tensor name with `execute_async_v3` on torch's current stream."""
+"""TensorRT 10 towers: deserialised engines run by tensor name with `execute_async_v3`.
+
+One execution context per engine serves every thread (the batcher's threads and the index writer): a context holds
+per-call state (input shape, tensor addresses), so each call binds and enqueues under the runner's lock, and all
+work goes to the runner's own CUDA stream, never the legacy default stream a new worker thread would get.
+"""
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +28,38 @@ def import_tensorrt():
     return trt
 
 
+class ContextRunner:
+    """One TensorRT execution context, safe to call from many threads: each call sets the input shape, binds the
+    input/output addresses and enqueues on `stream_handle` while holding one lock."""
+
+    def __init__(self, context, input_name: str, output_name: str, output_dtype: torch.dtype, *,
+                 device: torch.device, stream_handle: int, profile: tuple[tuple, tuple]) -> None:
+        self.context = context
+        self.input, self.output = input_name, output_name
+        self.output_dtype = output_dtype
+        self.device = device
+        self.stream_handle = stream_handle
+        self.min_shape, self.max_shape = profile
+        self._lock = threading.Lock()
+
+    def run(self, chunk: torch.Tensor) -> torch.Tensor:
+        """Enqueue the engine on one contiguous input chunk (on `device`); returns its output (not yet synced)."""
+        with self._lock:
+            if not self.context.set_input_shape(self.input, tuple(chunk.shape)):
+                raise InputError(f"input shape {list(chunk.shape)} is outside the engine's profile "
+                                 f"{list(self.min_shape)}..{list(self.max_shape)}")
+            out = torch.empty(tuple(self.context.get_tensor_shape(self.output)), dtype=self.output_dtype,
+                              device=self.device)
+            self.context.set_tensor_address(self.input, chunk.data_ptr())
+            self.context.set_tensor_address(self.output, out.data_ptr())
+            if not self.context.execute_async_v3(self.stream_handle):
+                raise EngineError(f"TensorRT execution failed for input shape {list(chunk.shape)}")
+        return out
+
+
 class EngineRunner:
-    """One deserialised engine with one input and one output, run in chunks of its profile's maximum batch."""
+    """One deserialised engine with one input and one output, run in chunks of its profile's maximum batch on the
+    runner's own CUDA stream; safe to call from many threads."""
 
     def __init__(self, runtime, path: Path) -> None:
         trt = import_tensorrt()
@@ -45,23 +81,16 @@ class EngineRunner:
         self.input_dtype = _torch_dtype(trt, engine.get_tensor_dtype(self.input))
         self.output_dtype = _torch_dtype(trt, engine.get_tensor_dtype(self.output))
         self.min_shape, _, self.max_shape = (tuple(s) for s in engine.get_tensor_profile_shape(self.input, 0))
+        self.device = torch.device("cuda", torch.cuda.current_device())
+        self.stream = torch.cuda.Stream(self.device)
+        self.runner = ContextRunner(self.context, self.input, self.output, self.output_dtype, device=self.device,
+                                    stream_handle=self.stream.cuda_stream, profile=(self.min_shape, self.max_shape))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        stream = torch.cuda.current_stream()
-        outs = []
-        for chunk in x.split(self.max_shape[0]):
-            chunk = chunk.to("cuda", dtype=self.input_dtype, non_blocking=True).contiguous()
-            if not self.context.set_input_shape(self.input, tuple(chunk.shape)):
-                raise InputError(f"input shape {list(chunk.shape)} is outside the engine's profile "
-                                 f"{list(self.min_shape)}..{list(self.max_shape)}")
-            out = torch.empty(tuple(self.context.get_tensor_shape(self.output)), dtype=self.output_dtype,
-                              device="cuda")
-            self.context.set_tensor_address(self.input, chunk.data_ptr())
-            self.context.set_tensor_address(self.output, out.data_ptr())
-            if not self.context.execute_async_v3(stream.cuda_stream):
-                raise EngineError(f"TensorRT execution failed for input shape {list(chunk.shape)}")
-            outs.append(out)
-        return torch.cat(outs).float().cpu()  # the copy waits on `stream`
+        with torch.cuda.stream(self.stream):  # copies, buffers and the engine all on the runner's stream
+            outs = [self.runner.run(chunk.to(self.device, dtype=self.input_dtype, non_blocking=True).contiguous())
+                    for chunk in x.split(self.max_shape[0])]
+            return torch.cat(outs).float().cpu()  # the copy waits on the stream
 
 
 def _torch_dtype(trt, dtype) -> torch.dtype:

@@ -7,11 +7,13 @@ trying `python -m engine.finetune` offline
 """
 from __future__ import annotations
 
+import argparse
 import base64
 import io
 import json
 import math
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -78,8 +80,15 @@ def chance_recall_at_1(classes: int = len(COLOURS) * len(SHAPES)) -> float:
     return 100.0 / classes if classes else math.nan
 
 
-if __name__ == "__main__":
-    import sys
-
-    target = make_shapes_dataset(sys.argv[1] if len(sys.argv) > 1 else "shapes-data", {"train": 24, "valid": 4})
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m engine.finetune.synthetic [DIR]`: write a small train/valid shapes dataset to try fine-tuning."""
+    parser = argparse.ArgumentParser(prog="python -m engine.finetune.synthetic", description=main.__doc__)
+    parser.add_argument("out", nargs="?", default="shapes-data", help="folder to write (default: shapes-data)")
+    args = parser.parse_args(argv)
+    target = make_shapes_dataset(args.out, {"train": 24, "valid": 4})
     print(f"wrote train and valid splits (24 colour-shape classes) to {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
