@@ -1,4 +1,4 @@
-"""`python -m benchmarks [--quick] [--out DIR] [--only machine,towers,kernel,serve]`: run the suite, then write
+"""`python -m benchmarks [--quick] [--out DIR] [--only machine,towers,...]`: run the suite, then write
 DIR/report.md, DIR/results.json and the plots."""
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ from benchmarks.runner import SUBJECTS, RunConfig, run_suite
 def main(argv: list[str] | None = None) -> int:
     """Run the chosen subjects (each in its own process) and write DIR/report.md, results.json and plots."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="smaller parameter lists (BENCH_QUICK=1), ~5 min")
+    parser.add_argument("--quick", action="store_true", help="smaller parameter lists (BENCH_QUICK=1), ~10 min")
     parser.add_argument("--out", type=Path, default=None, help="report folder (default bench-out/quick or full)")
     parser.add_argument("--only", default=",".join(SUBJECTS),
                         help=f"comma-separated subjects to run (default all: {','.join(SUBJECTS)})")
     parser.add_argument("--budget-s", type=float, default=None,
-                        help="wall-clock budget of the whole suite (default 280 quick, 1750 full)")
+                        help="wall-clock budget of the whole suite (default 600 quick, 3000 full)")
     args = parser.parse_args(argv)
     only = [name.strip() for name in args.only.split(",") if name.strip()]
     out = args.out or Path("bench-out") / ("quick" if args.quick else "full")

@@ -1,14 +1,16 @@
-"""Tower throughput: PyTorch fp32 eager (the reference) vs ONNX Runtime fp32 / fp16 / int8, in the same run, on CPU.
+"""Tower throughput on CPU, in one run: PyTorch fp32 eager (the reference), PyTorch bf16, the project's ONNX exports
+(fp32, dynamic int8, static int8) and the peer, cn_clip's own deployment ONNX (benchmarks.towers_peer).
 
 Run:  python -m pytest benchmarks/bench_towers.py --benchmark-only -q
-Model: ViT-B-16 structure with deterministic random weights, exported once with `export.export_model` (parity-gated)
-into $BENCH_TOWERS_DIR (default /tmp/cnclip-bench-towers, about 1.6 GB; reused while the checkpoint and the
-export code (export/, engine/towers.py) are unchanged).
-Cases: vision at batch 1, 8, 32; text at lengths 8 and 52 (all tokens real, so both backends see that length) at
-batch 1, 8, 32. Threads: torch.set_num_threads(THREADS) and ONNX Runtime intra-op THREADS, inter-op 1.
-items/s use each case's best round (the least disturbed on a shared machine). A markdown summary (items/s,
-speed-up vs the reference, parity, and images/s x 35 GFLOPs as a fraction of the machine's best fp32 GEMM rate
-from benchmarks.machine) goes to bench-out/towers.md and is printed at the end.
+Model: ViT-B-16 structure with deterministic random weights, exported once with `export.export_model(...,
+precision="auto")` (every candidate parity-gated and timed, the choice recorded) into $BENCH_TOWERS_DIR (default
+/tmp/cnclip-bench-towers; reused while the checkpoint and the export code are unchanged).
+Cases: vision at batch 1, 8, 32; text at lengths 8 and 52 (all tokens real) at batch 1, 8, 32. Threads:
+torch.set_num_threads(THREADS) and ONNX Runtime intra-op THREADS, inter-op 1. torch-bf16 (autocast over
+engine.towers) runs only where the CPU has bf16 units (AMX or AVX512-BF16), else it is skipped with that reason.
+items/s use each case's best round (the least disturbed on a shared machine). Every fast path's parity (min
+cosine vs fp32 PyTorch, generated inputs) is measured with export.parity; a markdown summary with the targets
+goes to bench-out/towers.md and is printed at the end.
 """
 from __future__ import annotations
 
@@ -21,25 +23,33 @@ import torch
 
 from benchmarks import machine
 from benchmarks.params import choose, model_name
+from benchmarks.towers_peer import PeerEncoder, export_peer
 from engine.backends import TorchEncoder
-from engine.models import build_random_model, file_sha256, get_spec, save_checkpoint
+from engine.backends.cpu_features import cpu_info
+from engine.backends.export_reader import load_manifest, open_encoder
+from engine.models import build_random_model, file_sha256, get_spec, load_model, save_checkpoint
 
 MODEL = model_name()  # ViT-B-16; "tiny" under BENCH_QUICK=1 (python -m benchmarks --quick) or $BENCH_MODEL
 VIT_B16_GFLOPS = 35.0  # per 224 x 224 image (forward, multiply-add = 2 flops)
 THREADS = int(os.environ.get("BENCH_THREADS", "2"))
 BATCHES = choose([1, 8, 32], [1, 8])
 TEXT_LENGTHS = [8, 52]
-IMPLS = ["torch-fp32", "onnx-fp32", "onnx-fp16", "onnx-int8"]
+EXPORTED = ("fp32", "int8", "int8-static")
+PEER = "cn_clip-onnx"
+IMPLS = ["torch-fp32", "torch-bf16", *(f"onnx-{p}" for p in EXPORTED), PEER]
+TARGETS = {("vision", 8): 5.0, ("text L=8", 1): 10.0, ("text L=8", 8): 10.0}  # issue 17: x the reference
 _BASE_DIR = Path(os.environ.get("BENCH_TOWERS_DIR", "/tmp/cnclip-bench-towers"))
 WORK_DIR = _BASE_DIR if MODEL == "ViT-B-16" else _BASE_DIR / MODEL
 SUMMARY_PATH = Path(__file__).resolve().parent.parent / "bench-out" / "towers.md"
 RESULTS: dict[tuple[str, int, str], float] = {}  # (case, batch, impl) -> items/s
-PARITY: dict[str, dict] = {}
+PARITY: dict[str, tuple[float, float]] = {}  # impl -> (min cosine over both towers, its precision's threshold)
+SELECTION: dict = {}
+UNAVAILABLE: dict[str, str] = {}  # impl -> why it has no encoder here (skip reason)
 
 
 @pytest.fixture(scope="module")
 def checkpoint() -> Path:
-    """A ViT-B-16 random-weight checkpoint in cn_clip format (written once)."""
+    """A random-weight checkpoint in cn_clip format (written once)."""
     WORK_DIR.mkdir(parents=True, exist_ok=True)
     path = WORK_DIR / f"{MODEL.lower()}-random.pt"
     if not path.is_file():
@@ -47,36 +57,60 @@ def checkpoint() -> Path:
     return path
 
 
+def _cached(directory: Path, key: str, make) -> None:
+    """Run `make()` unless `directory` holds a bench.key equal to `key` (it goes when the directory does)."""
+    stamp = directory / "bench.key"
+    if not (stamp.is_file() and stamp.read_text() == key):
+        make()
+        stamp.write_text(key)
+
+
 @pytest.fixture(scope="module")
 def encoders(checkpoint: Path) -> dict[str, object]:
-    """The reference TorchEncoder and one OnnxEncoder per precision (exports are reused when current)."""
-    from engine.models import load_model
-    from export import export_model, load_manifest, open_encoder
+    """Every implementation's encoder; exports are (re)made when the checkpoint or the export code changed."""
+    from export import THRESHOLDS, export_model
+    from export.parity import (ParityInputs, generated_pixels, generated_token_ids, lowest, measure,
+                               reference)
 
     torch.set_num_threads(THREADS)
-    key = f"{file_sha256(checkpoint)} {_export_code_digest()}"
     loaded = load_model(checkpoint, MODEL)
+    weights = file_sha256(checkpoint)
+    auto_dir, peer_dir = WORK_DIR / "auto", WORK_DIR / PEER
+    _cached(auto_dir, f"{weights} {_export_code_digest()}",
+            lambda: export_model(MODEL, auto_dir, checkpoint, precision="auto"))
+    _cached(peer_dir, weights, lambda: export_peer(loaded.model, loaded.spec.input_resolution, peer_dir))
+    SELECTION.update(load_manifest(auto_dir).selection)
     out: dict[str, object] = {"torch-fp32": TorchEncoder(loaded.model, loaded.spec.input_resolution)}
-    for precision in ("fp32", "fp16", "int8"):
-        directory = WORK_DIR / precision
-        stamp = directory / "bench.key"  # inside the export, so it goes when the export does
-        if stamp.is_file() and stamp.read_text() == key:
-            manifest = load_manifest(directory, MODEL)
-        else:  # no export yet, or one of other weights or export code: make it (parity-gated)
-            manifest = export_model(MODEL, directory, checkpoint, precision=precision)
-            stamp.write_text(key)
-        PARITY[f"onnx-{precision}"] = manifest.parity
-        out[f"onnx-{precision}"] = open_encoder(directory, "onnxruntime", "cpu", intra_op_num_threads=THREADS,
+    if cpu_info().bf16:
+        out["torch-bf16"] = TorchEncoder(loaded.model, loaded.spec.input_resolution, precision="bf16")
+    else:
+        UNAVAILABLE["torch-bf16"] = f"this CPU ({cpu_info().model}) has no bf16 units (AMX or AVX512-BF16)"
+    for precision in EXPORTED:
+        candidate = SELECTION["candidates"][precision]
+        if not candidate["passed"]:  # the export's parity gate dropped it: say so with its figures
+            UNAVAILABLE[f"onnx-{precision}"] = f"failed the export's parity gate: {candidate['reason']}"
+            continue
+        out[f"onnx-{precision}"] = open_encoder(auto_dir, precision=precision, intra_op_num_threads=THREADS,
                                                 inter_op_num_threads=1)[0]
+    out[PEER] = PeerEncoder(peer_dir, THREADS)
+    inputs = ParityInputs({"generated": generated_pixels(loaded.spec.input_resolution)},
+                          {"generated": generated_token_ids(52)})
+    ref = reference(loaded.model, inputs)
+    thresholds = {"torch-bf16": THRESHOLDS["bf16"], PEER: THRESHOLDS["fp32"],
+                  **{f"onnx-{p}": THRESHOLDS[p] for p in EXPORTED}}
+    for impl, threshold in thresholds.items():
+        if impl in out:
+            PARITY[impl] = (lowest(measure(ref, out[impl], inputs)), threshold)
     return out
 
 
 def _export_code_digest() -> str:
-    """SHA-256 over the sources that shape an export (the export package and engine/towers.py): a cached export
-    is reused only if made by the same code."""
+    """SHA-256 over the sources that shape an export (export/, engine/towers.py, the export manifest and reader):
+    a cached export is reused only if made by the same code."""
     root = Path(__file__).resolve().parent.parent
     digest = hashlib.sha256()
-    for path in [*sorted((root / "export").glob("*.py")), root / "engine" / "towers.py"]:
+    for path in [*sorted((root / "export").glob("*.py")), root / "engine" / "towers.py",
+                 root / "engine" / "backends" / "export_manifest.py"]:
         digest.update(path.read_bytes())
     return digest.hexdigest()
 
@@ -91,13 +125,16 @@ def _ids(batch: int, length: int) -> torch.Tensor:
     return ids
 
 
-def _run(benchmark, case: str, batch: int, impl: str, fn) -> None:
+def _run(benchmark, encoders, case: str, batch: int, impl: str, call) -> None:
+    if impl not in encoders:
+        pytest.skip(f"{impl}: {UNAVAILABLE[impl]}")
     benchmark.group = f"{case} batch {batch}"
     rounds = 3 if batch == 32 or case == "vision" else 5
-    benchmark.pedantic(fn, rounds=rounds, warmup_rounds=1, iterations=1)
+    benchmark.pedantic(call, args=(encoders[impl],), rounds=rounds, warmup_rounds=1, iterations=1)
     items_per_s = batch / benchmark.stats.stats.min  # best round: the least disturbed on a shared machine
-    benchmark.extra_info["items_per_s"] = items_per_s
-    benchmark.extra_info["model"] = MODEL
+    benchmark.extra_info.update(items_per_s=items_per_s, model=MODEL, cpu=cpu_info().model)
+    if impl in PARITY:
+        benchmark.extra_info["parity_min_cosine"] = PARITY[impl][0]
     if case == "vision" and MODEL == "ViT-B-16":  # 35 GFLOPs is ViT-B/16's count
         benchmark.extra_info["gemm_fraction"] = items_per_s * VIT_B16_GFLOPS / machine.gemm_gflops(THREADS)
     RESULTS[(case, batch, impl)] = items_per_s
@@ -107,7 +144,7 @@ def _run(benchmark, case: str, batch: int, impl: str, fn) -> None:
 @pytest.mark.parametrize("batch", BATCHES)
 def test_vision(benchmark, encoders, batch, impl):
     pixels = _pixels(batch)
-    _run(benchmark, "vision", batch, impl, lambda: encoders[impl].encode_images(pixels))
+    _run(benchmark, encoders, "vision", batch, impl, lambda encoder: encoder.encode_images(pixels))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -115,14 +152,11 @@ def test_vision(benchmark, encoders, batch, impl):
 @pytest.mark.parametrize("length", TEXT_LENGTHS)
 def test_text(benchmark, encoders, length, batch, impl):
     ids = _ids(batch, length)
-    _run(benchmark, f"text L={length}", batch, impl, lambda: encoders[impl].encode_texts(ids))
+    _run(benchmark, encoders, f"text L={length}", batch, impl, lambda encoder: encoder.encode_texts(ids))
 
 
-def _parity_cell(impl: str) -> str:
-    if impl not in PARITY:
-        return "reference"
-    p = PARITY[impl]
-    return f"{min(p['vision']['generated']['min'], p['text']['generated']['min']):.8f} (>= {p['threshold']})"
+def _passes(impl: str) -> bool:
+    return impl in PARITY and PARITY[impl][0] >= PARITY[impl][1]
 
 
 def write_summary() -> str:
@@ -130,52 +164,51 @@ def write_summary() -> str:
     if not RESULTS:
         return ""
     gemm = machine.gemm_gflops(THREADS)
+    cpu = cpu_info()
+    impls = [i for i in IMPLS if any(key[2] == i for key in RESULTS)]
     cases = sorted({case for case, _, _ in RESULTS}, key=lambda c: (c != "vision", c))
-    lines = [f"Machine: {os.cpu_count()} CPUs, {THREADS} threads; best fp32 GEMM {gemm:.1f} GFLOP/s "
-             f"(benchmarks.machine.gemm_gflops). Model: {MODEL} random weights.", "",
-             "| tower | batch | " + " | ".join(f"{i} items/s (x ref)" for i in IMPLS)
-             + " | fp32 GEMM fraction: torch / onnx-fp32 |",
-             "|---|---|" + "---|" * (len(IMPLS) + 1)]
+    lines = [f"Machine: {cpu.model} ({', '.join(cpu.flags)}), {os.cpu_count()} CPUs, {THREADS} threads; best fp32 "
+             f"GEMM {gemm:.1f} GFLOP/s. Model: {MODEL} random weights.", "",
+             "| tower | batch | " + " | ".join(f"{i} items/s (x ref)" for i in impls) + " |",
+             "|---|---|" + "---|" * len(impls)]
     for case in cases:
         for batch in BATCHES:
             ref = RESULTS.get((case, batch, "torch-fp32"))
             cells = []
-            for impl in IMPLS:
+            for impl in impls:
                 value = RESULTS.get((case, batch, impl))
                 cells.append("-" if value is None else
                              f"{value:.2f}" + (f" ({value / ref:.2f}x)" if ref and impl != "torch-fp32" else ""))
-            frac = " / ".join(f"{RESULTS.get((case, batch, i), 0.0) * VIT_B16_GFLOPS / gemm:.2f}"
-                              for i in ("torch-fp32", "onnx-fp32")) if case == "vision" and MODEL == "ViT-B-16" else ""
-            lines.append(f"| {case} | {batch} | " + " | ".join(cells) + f" | {frac} |")
+            lines.append(f"| {case} | {batch} | " + " | ".join(cells) + " |")
     lines += ["", "Parity (min cosine vs fp32 PyTorch over both towers, generated inputs): "
-              + "; ".join(f"{i}: {_parity_cell(i)}" for i in IMPLS[1:]), ""]
-    lines += _targets(gemm)
+              + "; ".join(f"{i} {low:.6f} (>= {threshold}: {'pass' if low >= threshold else 'FAIL'})"
+                          for i, (low, threshold) in PARITY.items()), ""]
+    if SELECTION:
+        chosen = SELECTION["chosen"]
+        timed = ", ".join(f"{p} {c['seconds']:.3f} s" if c.get("passed") else f"{p} failed parity"
+                          for p, c in SELECTION["candidates"].items())
+        lines += [f"`--precision auto` chose {chosen} on {SELECTION['machine']['model']} ({timed}; "
+                  f"{SELECTION['workload']}).", ""]
+    lines += _targets()
     text = "\n".join(lines) + "\n"
     SUMMARY_PATH.parent.mkdir(parents=True, exist_ok=True)
     SUMMARY_PATH.write_text(text, encoding="utf-8")
     return text
 
 
-def _targets(gemm: float) -> list[str]:
-    """The issue's two vision targets at batch 8, and what the fp32 one asks of the machine's fp32 GEMM rate."""
-    ref = RESULTS.get(("vision", 8, "torch-fp32"))
-    if not ref:
-        return []
+def _targets() -> list[str]:
+    """Issue 17's targets: the fastest path that passes parity >= 0.99, as a multiple of PyTorch fp32 eager; and
+    the project's best against the peer at the same case."""
     out = []
-    fp32 = RESULTS.get(("vision", 8, "onnx-fp32"))
-    if fp32:
-        out.append(f"Target vision batch 8, ONNX fp32 >= 1.8x: {fp32 / ref:.2f}x "
-                   f"({'met' if fp32 / ref >= 1.8 else 'NOT met'})")
-        if MODEL == "ViT-B-16":
-            needed = 1.8 * ref * VIT_B16_GFLOPS
-            out.append(f"  1.8x the reference = {1.8 * ref:.2f} images/s x {VIT_B16_GFLOPS:.0f} GFLOPs = "
-                       f"{needed:.0f} GFLOP/s, {needed / gemm:.2f}x the machine's best fp32 GEMM ({gemm:.0f}); "
-                       f"the fp32 ceiling is {gemm / VIT_B16_GFLOPS / ref:.2f}x the reference")
-    passing = [(RESULTS[("vision", 8, i)], i) for i in IMPLS[1:] if ("vision", 8, i) in RESULTS and i in PARITY
-               and min(PARITY[i][t]["generated"]["min"] for t in ("vision", "text")) >= PARITY[i]["threshold"]]
-    if passing:
+    for (case, batch), goal in TARGETS.items():
+        ref = RESULTS.get((case, batch, "torch-fp32"))
+        passing = [(RESULTS[(case, batch, i)], i) for i in IMPLS[1:]
+                   if (case, batch, i) in RESULTS and _passes(i) and PARITY[i][0] >= 0.99 and i != PEER]
+        if not ref or not passing:
+            continue
         value, impl = max(passing)
-        out.append(f"Target vision batch 8, fastest passing precision >= 3x: {impl} {value / ref:.2f}x "
-                   f"({'met' if value / ref >= 3 else 'NOT met'})")
+        peer = RESULTS.get((case, batch, PEER))
+        out.append(f"Target {case} batch {batch} >= {goal:g}x: {impl} {value / ref:.2f}x "
+                   f"({'met' if value / ref >= goal else 'NOT met'})"
+                   + (f"; {value / peer:.2f}x the cn_clip deployment ONNX" if peer else ""))
     return out
-

@@ -14,7 +14,7 @@ def pytest_collect_file(file_path, parent):
 
 
 SUMMARIES = {"benchmarks.bench_laclip_kernel": "LACLIP kernel vs PyTorch reference",
-             "benchmarks.bench_towers": "Towers: ONNX Runtime vs PyTorch reference"}
+             "benchmarks.bench_towers": "Towers: each precision and the cn_clip peer vs PyTorch reference"}
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

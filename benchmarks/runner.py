@@ -2,7 +2,8 @@
 
 Each subject is a bench file: a pytest-benchmark file runs as `pytest FILE --benchmark-only --benchmark-json
 --junitxml` (the JUnit XML carries skip reasons); a script-style file (no test functions) runs as
-`python -m benchmarks.NAME --out JSON`. A subject that fails, times out or is missing is reported, never hidden;
+`python -m benchmarks.NAME --out JSON` (its JSON: pytest-benchmark's "benchmarks", or "points", or plain "rows";
+see benchmarks.report_tables). A subject that fails, times out or is missing is reported, never hidden;
 each finished case is also appended to raw/<name>.partial.jsonl (benchmarks.partial), so a timeout keeps them.
 """
 from __future__ import annotations
@@ -47,6 +48,10 @@ SUBJECTS: dict[str, Subject] = {s.name: s for s in [
             script_quick_args=("--model", "tiny", "--concurrency", "1", "4", "16", "--requests", "32",
                                "--gallery-size", "8"),
             timeout_s=900, quick_timeout_s=80),
+    Subject("index", "benchmarks/bench_index.py", script_quick_args=("--quick",)),
+    Subject("finetune", "benchmarks/bench_finetune.py", script_quick_args=("--quick",)),
+    Subject("distributed", "benchmarks/bench_distributed.py", script_quick_args=("--quick",)),
+    Subject("soak", "benchmarks/bench_soak.py", script_quick_args=("--minutes", "0.5", "--rows", "2000")),
 ]}
 
 
@@ -58,7 +63,7 @@ class RunConfig:
     quick: bool = False
     only: list[str] = field(default_factory=lambda: list(SUBJECTS))
     subjects: dict[str, Subject] = field(default_factory=lambda: dict(SUBJECTS))
-    budget_s: float | None = None  # None: 280 s quick, 1750 s full
+    budget_s: float | None = None  # None: 600 s quick, 3000 s full (eight subjects)
     python: str = sys.executable
 
     def __post_init__(self) -> None:
@@ -66,7 +71,7 @@ class RunConfig:
         if unknown:
             raise ValueError(f"unknown subject(s) {unknown}; choose from {sorted(self.subjects)}")
         if self.budget_s is None:
-            self.budget_s = 280.0 if self.quick else 1750.0
+            self.budget_s = 600.0 if self.quick else 3000.0
 
 
 @dataclass

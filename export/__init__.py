@@ -1,7 +1,10 @@
-"""Deployable towers: `python -m export` writes ONNX (fp32/fp16/int8) or TensorRT towers with a parity manifest."""
-from .manifest import ExportManifest, load_manifest
+"""Deployable towers: `python -m export` writes ONNX (fp32/fp16/bf16/int8) or TensorRT towers with a parity manifest.
+
+Reading an export back is the engine's job (engine.backends.export_reader); this package only writes them.
+"""
+from engine.backends.export_manifest import ExportManifest, load_manifest
+
 from .parity import THRESHOLDS, ParityError
 from .pipeline import export_model
-from .serving import open_encoder
 
-__all__ = ["ExportManifest", "ParityError", "THRESHOLDS", "export_model", "load_manifest", "open_encoder"]
+__all__ = ["ExportManifest", "ParityError", "THRESHOLDS", "export_model", "load_manifest"]

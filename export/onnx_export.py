@@ -4,29 +4,31 @@ The opset depends on who runs the files: ONNX Runtime gets opset 23, where atten
 TensorRT gets opset 18, where attention stays MatMul/Softmax/MatMul, the pattern its builder fuses.
 
 fp16 keeps LayerNormalization (statistics and affine) in fp32 with fp32 graph inputs/outputs; int8 is ONNX
-Runtime dynamic quantisation of the MatMul weights (per channel), meant for CPU serving.
+Runtime dynamic quantisation of the MatMul weights (per channel) and int8-static a calibrated QDQ graph
+(export.quantize), both meant for CPU serving.
 """
 from __future__ import annotations
 
-import logging
 import os
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 
 from engine.errors import InputError
 from engine.towers import TextTower, VisionTower
 
+from .quantize import quantize_dynamic_int8, quantize_static_int8
 from .tensor_names import TEXT_INPUT, TEXT_OUTPUT, VISION_INPUT, VISION_OUTPUT
 
 ONNXRUNTIME_OPSET = 23
 TENSORRT_OPSET = 18
-Precision = Literal["fp32", "fp16", "int8"]
-PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
+Precision = Literal["fp32", "fp16", "int8", "int8-static"]
+PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8", "int8-static")
 EXTERNAL_DATA_BYTES = 1_500_000_000  # towers above this keep weights in a side file (protobuf's 2 GB limit)
 # Ops whose fp16 versions lose the accuracy that matters (Chinese-CLIP issue 165): kept in fp32.
 FP16_BLOCK_LIST = ["LayerNormalization", "ReduceMean", "Pow", "Sqrt", "Erf", "Softmax", "Range", "Equal"]
@@ -41,6 +43,14 @@ class TowerFiles:
 
     def items(self) -> list[tuple[str, Path]]:
         return [("vision", self.vision), ("text", self.text)]
+
+
+@dataclass
+class Calibration:
+    """Input batches for static int8's activation ranges: pixel batches and (padding-trimmed) token-id batches."""
+
+    pixels: list[np.ndarray] = field(default_factory=list)
+    token_ids: list[np.ndarray] = field(default_factory=list)
 
 
 def _param_bytes(module: torch.nn.Module) -> int:
@@ -97,22 +107,6 @@ def _retype_casts(model) -> None:
                     attr.i = TensorProto.FLOAT16
 
 
-def quantize_int8(src: Path, dst: Path) -> None:
-    """Dynamic int8 quantisation of MatMul/Gemm weights (per channel, uint8 activations), for CPU serving."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # it advises pre-processing on every call; parity is what we check
-    try:
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
-                         op_types_to_quantize=["MatMul", "Gemm"],
-                         use_external_data_format=os.path.getsize(src) > EXTERNAL_DATA_BYTES,
-                         extra_options={"MatMulConstBOnly": True})
-    finally:
-        root.setLevel(level)
-
-
 def _save(model, dst: Path) -> None:
     import onnx
 
@@ -131,18 +125,35 @@ def stamp_metadata(path: Path, metadata: dict[str, str]) -> None:
     onnx.save(model, str(path))
 
 
+def convert(fp32: TowerFiles, precision: str, out_dir: Path, calibration: Calibration | None = None) -> TowerFiles:
+    """`fp32`'s towers converted to `precision` (not fp32) in `out_dir`/vision.onnx and text.onnx."""
+    final = TowerFiles(out_dir / "vision.onnx", out_dir / "text.onnx")
+    for tower, src in fp32.items():
+        dst = getattr(final, tower)
+        large = os.path.getsize(src) > EXTERNAL_DATA_BYTES
+        if precision == "fp16":
+            convert_fp16(src, dst)
+        elif precision == "int8":
+            quantize_dynamic_int8(src, dst, large)
+        elif precision == "int8-static":
+            if calibration is None:
+                raise InputError("precision int8-static needs calibration inputs")
+            batches = calibration.pixels if tower == "vision" else calibration.token_ids
+            quantize_static_int8(src, dst, VISION_INPUT if tower == "vision" else TEXT_INPUT, batches, large)
+        else:
+            raise InputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return final
+
+
 def build_towers(clip: torch.nn.Module, input_resolution: int, max_sequence: int, precision: str,
-                 out_dir: Path, opset: int = ONNXRUNTIME_OPSET) -> TowerFiles:
+                 out_dir: Path, opset: int = ONNXRUNTIME_OPSET, calibration: Calibration | None = None) -> TowerFiles:
     """Write both towers at `precision` to `out_dir`/vision.onnx and text.onnx (fp32 intermediates in a temp dir)."""
     if precision not in PRECISIONS:
         raise InputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     final = TowerFiles(out_dir / "vision.onnx", out_dir / "text.onnx")
     if precision == "fp32":
         return export_fp32(clip, input_resolution, max_sequence, final, opset)
-    convert = convert_fp16 if precision == "fp16" else quantize_int8
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         fp32 = export_fp32(clip, input_resolution, max_sequence,
                            TowerFiles(Path(tmp) / "vision.onnx", Path(tmp) / "text.onnx"), opset)
-        for (_, src), (_, dst) in zip(fp32.items(), final.items()):
-            convert(src, dst)
-    return final
+        return convert(fp32, precision, out_dir, calibration)

@@ -12,7 +12,7 @@ from engine.backends import Encoder
 from engine.errors import EngineError, InputError
 from engine.preprocess import ImageTransform, Tokenizer, load_image
 
-THRESHOLDS = {"fp32": 0.99999, "fp16": 0.999, "int8": 0.99}
+THRESHOLDS = {"fp32": 0.99999, "fp16": 0.999, "bf16": 0.999, "int8": 0.99, "int8-static": 0.99}
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
@@ -96,20 +96,37 @@ def _batched(fn, x: torch.Tensor, batch_size: int) -> np.ndarray:
     return np.concatenate([np.asarray(fn(x[i:i + batch_size]), np.float32) for i in range(0, len(x), batch_size)])
 
 
+@dataclass(frozen=True)
+class Reference:
+    """cn_clip's fp32 `encode_image` / `encode_text` (padded ids) outputs for each input set, computed once."""
+
+    vision: dict[str, np.ndarray]
+    text: dict[str, np.ndarray]
+
+
 @torch.inference_mode()
-def measure(clip: torch.nn.Module, encoder: Encoder, inputs: ParityInputs, batch_size: int = 8) -> dict[str, Any]:
-    """Cosine stats of `encoder` vs cn_clip's fp32 `encode_image` / `encode_text` (padded ids) per tower and set."""
+def reference(clip: torch.nn.Module, inputs: ParityInputs, batch_size: int = 8) -> Reference:
+    """The fp32 PyTorch embeddings every precision is compared with."""
     clip = clip.float().eval()
+    return Reference({name: _batched(clip.encode_image, x, batch_size) for name, x in inputs.pixels.items()},
+                     {name: _batched(clip.encode_text, x, batch_size) for name, x in inputs.token_ids.items()})
+
+
+@torch.inference_mode()
+def measure(ref: Reference, encoder: Encoder, inputs: ParityInputs, batch_size: int = 8) -> dict[str, Any]:
+    """Per-vector cosine stats of `encoder` vs the fp32 reference, per tower and input set."""
     report: dict[str, Any] = {"vision": {}, "text": {}}
-    for name, pixels in inputs.pixels.items():
-        ref = _batched(clip.encode_image, pixels, batch_size)
-        cos = row_cosines(_batched(encoder.encode_images, pixels, batch_size), ref)
-        report["vision"][name] = asdict(CosineStats(float(cos.min()), float(cos.mean()), len(cos)))
-    for name, ids in inputs.token_ids.items():
-        ref = _batched(clip.encode_text, ids, batch_size)
-        cos = row_cosines(_batched(encoder.encode_texts, ids, batch_size), ref)
-        report["text"][name] = asdict(CosineStats(float(cos.min()), float(cos.mean()), len(cos)))
+    for tower, sets, encode in (("vision", inputs.pixels, encoder.encode_images),
+                                ("text", inputs.token_ids, encoder.encode_texts)):
+        for name, x in sets.items():
+            cos = row_cosines(_batched(encode, x, batch_size), getattr(ref, tower)[name])
+            report[tower][name] = asdict(CosineStats(float(cos.min()), float(cos.mean()), len(cos)))
     return report
+
+
+def lowest(report: Mapping[str, Any]) -> float:
+    """The lowest minimum cosine over both towers and every input set."""
+    return min(s["min"] for tower in ("vision", "text") for s in report[tower].values())
 
 
 def check(report: Mapping[str, Any], threshold: float) -> None:

@@ -1,40 +1,74 @@
-"""`export_model`: checkpoint -> ONNX (and TensorRT) towers + manifest.json, gated on parity with fp32 PyTorch."""
+"""`export_model`: checkpoint -> ONNX (and TensorRT) towers + manifest.json, gated on parity with fp32 PyTorch.
+
+`precision="auto"` builds every candidate precision from one fp32 export, gates each on parity, times each on
+this machine (export.timing) and keeps those that pass, each in its own sub-directory; the top-level manifest
+describes the fastest and records every candidate's figures and the machine (ExportManifest.selection).
+"""
 from __future__ import annotations
 
-import importlib.metadata
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
+
+from engine.backends import Encoder
+from engine.backends.base import trim_padding
+from engine.backends.cpu_features import cpu_info
+from engine.backends.export_manifest import MANIFEST_NAME, ExportManifest, TowerEntry
+from engine.backends.export_reader import open_encoder
+from engine.backends.versions import package_versions
 from engine.errors import InputError
-from engine.models import load_model
+from engine.models import LoadedModel, load_model
 from engine.preprocess import DEFAULT_CONTEXT_LENGTH
 from engine.towers import PAD_ID
 
-from .manifest import MANIFEST_NAME, ExportManifest, TowerEntry
-from .onnx_export import ONNXRUNTIME_OPSET, PRECISIONS, TENSORRT_OPSET, build_towers, stamp_metadata
-from .parity import (THRESHOLDS, ParityInputs, check, generated_pixels, generated_token_ids, measure, user_pixels,
-                     user_token_ids)
-from .serving import open_encoder
+from .onnx_export import (ONNXRUNTIME_OPSET, PRECISIONS, TENSORRT_OPSET, Calibration, TowerFiles, build_towers,
+                          convert, stamp_metadata)
+from .parity import (THRESHOLDS, ParityError, ParityInputs, check, generated_pixels, generated_token_ids, lowest,
+                     Reference, measure, reference, user_pixels, user_token_ids)
 from .tensor_names import TEXT_INPUT, TEXT_OUTPUT, VISION_INPUT, VISION_OUTPUT
+from .timing import measure_speed, query_token_ids
 
 FORMATS = ("onnx", "tensorrt")
+AUTO = "auto"
+AUTO_CANDIDATES = {"onnx": ("fp32", "int8", "int8-static"), "tensorrt": ("fp32", "fp16")}
+TENSORRT_PRECISIONS = ("fp32", "fp16")
 
 
-def _versions() -> dict[str, str]:
-    out = {}
-    for name in ("torch", "cn_clip", "onnx", "onnxruntime", "onnxconverter-common", "tensorrt"):
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return out
+@dataclass
+class _Job:
+    """What every precision of one export shares: the model, the parity inputs and their fp32 reference."""
+
+    model: str
+    loaded: LoadedModel
+    fmt: str
+    context_length: int
+    inputs: ParityInputs
+    min_cosine: float | None
+
+    @property
+    def opset(self) -> int:
+        return ONNXRUNTIME_OPSET if self.fmt == "onnx" else TENSORRT_OPSET
+
+    @property
+    def runtime(self) -> tuple[str, str]:
+        return ("onnxruntime", "cpu") if self.fmt == "onnx" else ("tensorrt", "cuda")
 
 
 def _check_target(out: Path) -> None:
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST_NAME).is_file())):
         raise InputError(f"--out {out} exists and is not an export directory; choose a new or empty directory")
+
+
+def _check_arguments(fmt: str, precision: str) -> None:
+    if fmt not in FORMATS:
+        raise InputError(f"format must be one of {FORMATS}, got {fmt!r}")
+    allowed = (*PRECISIONS, AUTO) if fmt == "onnx" else (*TENSORRT_PRECISIONS, AUTO)
+    if precision not in allowed:
+        raise InputError(f"precision for {fmt} must be one of {allowed}, got {precision!r}")
 
 
 def _publish_permissions(directory: Path) -> None:
@@ -46,19 +80,111 @@ def _publish_permissions(directory: Path) -> None:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
+def _calibration(inputs: ParityInputs, resolution: int, context_length: int) -> Calibration:
+    """Static int8's calibration batches: generated samples (other seeds than the parity set's) and the user's."""
+    given_pixels, given_ids = inputs.pixels.get("user"), inputs.token_ids.get("user")
+    pixels = torch.cat([generated_pixels(resolution, 16, seed=1), *([] if given_pixels is None else [given_pixels])])
+    ids = torch.cat([generated_token_ids(context_length, 32, seed=1), *([] if given_ids is None else [given_ids])])
+    return Calibration([pixels[i:i + 4].numpy() for i in range(0, len(pixels), 4)],
+                       [trim_padding(ids[i:i + 8].numpy()) for i in range(0, len(ids), 8)])
+
+
+def _write_manifest(job: _Job, precision: str, files: TowerFiles, directory: Path) -> ExportManifest:
+    """The manifest of `files` (stamped into each ONNX file too), saved in `directory`."""
+    spec = job.loaded.spec
+    resolution = spec.input_resolution
+    manifest = ExportManifest(
+        model=job.model, checkpoint_hash=job.loaded.checkpoint_hash, precision=precision, opset=job.opset,
+        embed_dim=int(spec.config()["embed_dim"]), input_resolution=resolution, context_length=job.context_length,
+        vision=TowerEntry(os.path.relpath(files.vision, directory), VISION_INPUT, VISION_OUTPUT,
+                          ["batch", 3, resolution, resolution], "float32"),
+        text=TowerEntry(os.path.relpath(files.text, directory), TEXT_INPUT, TEXT_OUTPUT, ["batch", "sequence"],
+                        "int64"),
+        pad_id=PAD_ID, versions={k: v for k, v in package_versions().items() if v is not None})
+    for tower, path in files.items():
+        stamp_metadata(path, manifest.metadata(tower))
+    manifest.save(directory)
+    return manifest
+
+
+def _gate(job: _Job, manifest: ExportManifest, directory: Path, ref: Reference) -> Encoder:
+    """Open the export in `directory`, record its parity in the manifest, and raise ParityError below threshold."""
+    backend, device = job.runtime
+    encoder, _ = open_encoder(directory, backend, device)
+    threshold = THRESHOLDS[manifest.precision] if job.min_cosine is None else job.min_cosine
+    report = measure(ref, encoder, job.inputs)
+    manifest.parity = {"backend": backend, "device": device, "threshold": threshold, **report}
+    manifest.save(directory)
+    check(report, threshold)
+    return encoder
+
+
+def _export_one(job: _Job, precision: str, staging: Path, calibration: Calibration | None) -> ExportManifest:
+    spec = job.loaded.spec
+    files = build_towers(job.loaded.model, spec.input_resolution, spec.config()["text_max_position_embeddings"],
+                         precision, staging, job.opset, calibration)
+    manifest = _write_manifest(job, precision, files, staging)
+    _gate(job, manifest, staging, reference(job.loaded.model, job.inputs))
+    return manifest
+
+
+def _export_auto(job: _Job, staging: Path, calibration: Calibration) -> ExportManifest:
+    """Every candidate precision in its own sub-directory of `staging`; failing ones removed; the fastest passing
+    one described by the returned top-level manifest."""
+    spec = job.loaded.spec
+    ref = reference(job.loaded.model, job.inputs)
+    pixels = job.inputs.pixels["generated"][:8]
+    queries = query_token_ids(job.context_length)
+    fp32_dir = staging / "fp32"
+    fp32_dir.mkdir()
+    fp32 = build_towers(job.loaded.model, spec.input_resolution, spec.config()["text_max_position_embeddings"],
+                        "fp32", fp32_dir, job.opset)
+    candidates: dict[str, dict] = {}
+    manifests: dict[str, ExportManifest] = {}
+    for precision in AUTO_CANDIDATES[job.fmt]:
+        directory = staging / precision
+        directory.mkdir(exist_ok=True)
+        files = fp32 if precision == "fp32" else convert(fp32, precision, directory, calibration)
+        manifest = _write_manifest(job, precision, files, directory)
+        entry: dict = {"directory": precision}
+        try:
+            encoder = _gate(job, manifest, directory, ref)
+        except ParityError as exc:
+            entry.update(passed=False, reason=str(exc))
+        else:
+            entry.update(passed=True, **measure_speed(encoder, pixels, queries).as_dict())
+            manifests[precision] = manifest
+            del encoder
+        entry.update(min_cosine=lowest(manifest.parity), threshold=manifest.parity["threshold"])
+        candidates[precision] = entry
+    for precision, entry in candidates.items():
+        if not entry["passed"] and precision != "fp32":
+            shutil.rmtree(staging / precision)
+    if not manifests:
+        raise ParityError(f"no precision passed parity: {'; '.join(c['reason'] for c in candidates.values())}")
+    chosen = min(manifests, key=lambda p: candidates[p]["seconds"])
+    if not candidates["fp32"]["passed"]:
+        shutil.rmtree(fp32_dir)
+    best = manifests[chosen]
+    backend, device = job.runtime
+    return replace(best, vision=replace(best.vision, file=f"{chosen}/{best.vision.file}"),
+                   text=replace(best.text, file=f"{chosen}/{best.text.file}"),
+                   selection={"chosen": chosen, "rule": "fastest passing: least seconds for the workload",
+                              "workload": f"{len(pixels)} images + {len(queries)} queries of "
+                                          f"{int(queries.ne(PAD_ID).sum(1).max())} tokens, best of 3 calls per tower",
+                              "backend": backend, "device": device, "machine": cpu_info().as_dict(),
+                              "threads": torch.get_num_threads(), "candidates": candidates})
+
+
 def export_model(model: str, out: str | Path, checkpoint: str | Path | None = None, fmt: str = "onnx",
                  precision: str = "fp32", images: str | Path | None = None, texts: str | Path | None = None,
                  min_cosine: float | None = None, context_length: int = DEFAULT_CONTEXT_LENGTH) -> ExportManifest:
-    """Export `model`'s towers into `out`; raises ParityError (nothing written) when parity is below threshold."""
-    if fmt not in FORMATS:
-        raise InputError(f"format must be one of {FORMATS}, got {fmt!r}")
-    if precision not in PRECISIONS or (fmt == "tensorrt" and precision == "int8"):
-        allowed = PRECISIONS if fmt == "onnx" else ("fp32", "fp16")
-        raise InputError(f"precision for {fmt} must be one of {allowed}, got {precision!r}")
+    """Export `model`'s towers into `out`; raises ParityError (nothing written) when parity is below threshold
+    (for `precision="auto"`: when no candidate passes)."""
+    _check_arguments(fmt, precision)
     out = Path(out)
     _check_target(out)
     loaded = load_model(checkpoint, model)
-    config = loaded.spec.config()
     resolution = loaded.spec.input_resolution
     inputs = ParityInputs({"generated": generated_pixels(resolution)},
                           {"generated": generated_token_ids(context_length)})
@@ -66,29 +192,15 @@ def export_model(model: str, out: str | Path, checkpoint: str | Path | None = No
         inputs.pixels["user"] = user_pixels(images, resolution)
     if texts is not None:
         inputs.token_ids["user"] = user_token_ids(texts, context_length)
+    calibration = _calibration(inputs, resolution, context_length) if precision in (AUTO, "int8-static") else None
+    job = _Job(model, loaded, fmt, context_length, inputs, min_cosine)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.staging-"))
     try:
-        opset = ONNXRUNTIME_OPSET if fmt == "onnx" else TENSORRT_OPSET
-        files = build_towers(loaded.model, resolution, config["text_max_position_embeddings"], precision, staging,
-                             opset)
-        manifest = ExportManifest(
-            model=model, checkpoint_hash=loaded.checkpoint_hash, precision=precision, opset=opset,
-            embed_dim=int(config["embed_dim"]), input_resolution=resolution, context_length=context_length,
-            vision=TowerEntry(files.vision.name, VISION_INPUT, VISION_OUTPUT, ["batch", 3, resolution, resolution],
-                              "float32"),
-            text=TowerEntry(files.text.name, TEXT_INPUT, TEXT_OUTPUT, ["batch", "sequence"], "int64"),
-            pad_id=PAD_ID, versions=_versions())
-        for tower, path in files.items():
-            stamp_metadata(path, manifest.metadata(tower))
-        manifest.save(staging)
-        backend, device = ("onnxruntime", "cpu") if fmt == "onnx" else ("tensorrt", "cuda")
-        encoder, _ = open_encoder(staging, backend, device)
-        threshold = THRESHOLDS[precision] if min_cosine is None else min_cosine
-        report = measure(loaded.model, encoder, inputs)
-        manifest.parity = {"backend": backend, "device": device, "threshold": threshold, **report}
-        del encoder
-        check(report, threshold)
+        if precision == AUTO:
+            manifest = _export_auto(job, staging, calibration)
+        else:
+            manifest = _export_one(job, precision, staging, calibration)
         manifest.save(staging)
         _publish_permissions(staging)
         if out.exists():

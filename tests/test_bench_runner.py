@@ -101,8 +101,8 @@ def test_report_from_fabricated_benchmark_json(tmp_path):
 
 
 def test_readme_section_inserted_before_architecture_then_replaced(tmp_path):
-    _write_run(tmp_path / "rep", [_fabricated_case("test_a[1-torch]", "g", {"batch": 1, "impl": "torch"}, 0.01, {})],
-               50.0)
+    case = _fabricated_case("test_a[1-torch-fp32]", "g", {"batch": 1, "impl": "torch-fp32"}, 0.01, {})
+    _write_run(tmp_path / "rep", [case], 50.0)
     build_report(tmp_path / "rep")
     readme = tmp_path / "README.md"
     readme.write_text("# Title\n\nintro\n\n## Architecture\n\nboxes\n")

@@ -21,9 +21,9 @@ from engine.index import Index
 from engine.models import build_random_model, file_sha256, get_spec, load_model, save_checkpoint
 from engine.preprocess import Tokenizer
 from export import THRESHOLDS, ParityError, export_model, load_manifest
-from export.manifest import MANIFEST_NAME
+from engine.backends.export_manifest import MANIFEST_NAME
 from export.onnx_export import ONNXRUNTIME_OPSET, TENSORRT_OPSET, build_towers
-from export.tensorrt_build import CONFIG_NAME, ENGINE_FILES, BuildEnvironment, ProfileConfig, rebuild_reason
+from engine.backends.tensorrt_engines import CONFIG_NAME, ENGINE_FILES, BuildEnvironment, ProfileConfig, rebuild_reason
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,10 @@
-"""ONNX Runtime towers: CUDA provider when asked for and present, else CPU; text trimmed to the batch's longest ids."""
+"""ONNX Runtime towers: CUDA provider when asked for and present, else CPU; text trimmed to the batch's longest ids.
+
+CUDA sessions are checked after creation: ONNX Runtime silently falls back to CPU when its CUDA provider cannot
+load (no cuDNN, a CUDA version mismatch), and that is an error here, not a slow surprise. Their provider options
+are set on purpose: TF32 off (fp32 exports must match fp32 PyTorch) and a heuristic cuDNN algorithm search (an
+exhaustive one re-tunes on every new batch size).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,6 +18,23 @@ from ..errors import CheckpointError, InputError
 from .base import l2_normalize, trim_padding
 
 _LEVELS = ("disabled", "basic", "extended", "all")
+CUDA_PROVIDER = "CUDAExecutionProvider"
+CUDA_OPTIONS = {"use_tf32": "0", "cudnn_conv_algo_search": "HEURISTIC"}
+INSTALL_HINT = 'pip install -e ".[onnx]"'
+
+
+def import_onnxruntime():
+    """The onnxruntime module; an InputError naming the install command when it is absent."""
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise InputError(f"ONNX exports need onnxruntime: {INSTALL_HINT} (onnxruntime-gpu for CUDA)") from exc
+    return onnxruntime
+
+
+def gpu_present() -> bool:
+    """A CUDA GPU is visible (torch's check, which does not create a CUDA context)."""
+    return torch.cuda.is_available()
 
 
 @dataclass(frozen=True)
@@ -23,25 +46,37 @@ class OrtSettings:
     optimization: str = "all"
 
 
-def ort_providers(device: str) -> list[str]:
-    """Execution providers for `device` ("cpu", "cuda", or "auto": CUDA when onnxruntime-gpu sees a GPU)."""
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    has_cuda = "CUDAExecutionProvider" in available
-    if device == "cpu" or (device == "auto" and not has_cuda):
+def ort_providers(device: str) -> list:
+    """Execution providers for `device`: "cpu", "cuda", or "auto" (CUDA when onnxruntime-gpu is installed AND a
+    GPU is present, else CPU). CUDA comes with CUDA_OPTIONS and CPU as the fallback for unsupported nodes."""
+    if device not in ("cpu", "cuda", "auto"):
+        raise InputError(f"device must be 'cpu', 'cuda' or 'auto', got {device!r}")
+    available = import_onnxruntime().get_available_providers()
+    if device == "cpu":
         return ["CPUExecutionProvider"]
-    if device in ("cuda", "auto"):
-        if not has_cuda:
-            raise InputError(f"device {device!r} needs onnxruntime-gpu with a CUDA GPU; providers here: {available}")
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    raise InputError(f"device must be 'cpu', 'cuda' or 'auto', got {device!r}")
+    usable = CUDA_PROVIDER in available and gpu_present()
+    if not usable:
+        if device == "auto":
+            return ["CPUExecutionProvider"]
+        why = "no CUDA GPU is visible" if CUDA_PROVIDER in available else f"providers here: {available}"
+        raise InputError(f"device 'cuda' needs onnxruntime-gpu and a CUDA GPU; {why}")
+    return [(CUDA_PROVIDER, dict(CUDA_OPTIONS)), "CPUExecutionProvider"]
+
+
+def check_providers(session, providers: list, path: Path) -> None:
+    """Fail when a requested CUDA provider is not among the session's (ONNX Runtime fell back to CPU)."""
+    wanted = [p[0] if isinstance(p, tuple) else p for p in providers]
+    got = session.get_providers()
+    if CUDA_PROVIDER in wanted and CUDA_PROVIDER not in got:
+        raise InputError(f"ONNX Runtime could not use CUDA for {path} and fell back to {got}: the CUDA provider "
+                         f"failed to load (missing cuDNN, or a CUDA version that onnxruntime-gpu was not built "
+                         f"for; its log above says which)")
 
 
 def open_session(path: Path, providers: list[str], settings: OrtSettings,
                  expected_metadata: Mapping[str, str] | None = None):
     """An InferenceSession for `path`; a missing, corrupt or mismatched file is a CheckpointError naming it."""
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     if settings.optimization not in _LEVELS:
         raise InputError(f"optimization must be one of {_LEVELS}, got {settings.optimization!r}")
@@ -59,6 +94,7 @@ def open_session(path: Path, providers: list[str], settings: OrtSettings,
     except Exception as exc:  # onnxruntime raises its own untyped errors for bad protobufs and graphs
         raise CheckpointError(f"ONNX file {path} could not be loaded ({exc.__class__.__name__}: "
                               f"{str(exc).strip()[:300]})") from exc
+    check_providers(session, providers, path)
     found = session.get_modelmeta().custom_metadata_map
     for key, value in (expected_metadata or {}).items():
         if found.get(key) != value:

@@ -102,7 +102,7 @@ def _torch_dtype(trt, dtype) -> torch.dtype:
 
 
 class TensorRTEncoder:
-    """The Encoder protocol over a vision and a text engine (built by export.tensorrt_build)."""
+    """The Encoder protocol over a vision and a text engine (built by engine.backends.tensorrt_engines)."""
 
     def __init__(self, vision_engine: str | Path, text_engine: str | Path, *, embed_dim: int, input_resolution: int,
                  pad_id: int = 0) -> None:

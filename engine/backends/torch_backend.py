@@ -1,4 +1,8 @@
-"""PyTorch towers: cn_clip's own forward in fp32 (the reference), the restated SDPA towers under fp16/bf16 autocast."""
+"""PyTorch towers: cn_clip's own forward in fp32 (the reference), the restated SDPA towers under fp16/bf16 autocast.
+
+bf16 also runs on CPU (oneDNN's bf16 GEMMs, fast where the CPU has AMX or AVX512-BF16: engine.backends.cpu_features);
+fp16 is for CUDA only.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -16,8 +20,8 @@ _AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class TorchEncoder:
-    """Wraps a cn_clip CLIP module. fp32 runs cn_clip's own forward; fp16/bf16 (CUDA only) run engine.towers under
-    autocast, whose scaled_dot_product_attention reaches the fused attention kernels."""
+    """Wraps a cn_clip CLIP module. fp32 runs cn_clip's own forward; fp16 (CUDA) and bf16 (CUDA or CPU) run
+    engine.towers under autocast, whose scaled_dot_product_attention reaches the fused attention kernels."""
 
     def __init__(self, model: torch.nn.Module, input_resolution: int, device: str = "cpu",
                  precision: Precision = "fp32", pad_id: int = 0) -> None:
@@ -26,8 +30,8 @@ class TorchEncoder:
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise InputError(f"device {device!r} requested but no CUDA GPU is available")
-        if precision != "fp32" and self.device.type != "cuda":
-            raise InputError(f"precision {precision!r} is for CUDA; on {device!r} use fp32")
+        if precision == "fp16" and self.device.type != "cuda":
+            raise InputError(f"precision 'fp16' is for CUDA; on {device!r} use fp32 or bf16")
         self.model = model.to(self.device).float().eval()
         self.precision = precision
         low_precision = precision != "fp32"
@@ -40,7 +44,7 @@ class TorchEncoder:
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.precision == "fp32":
             return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=_AUTOCAST[self.precision])
+        return torch.autocast(self.device.type, dtype=_AUTOCAST[self.precision])
 
     def _reference_text(self, ids: torch.Tensor) -> torch.Tensor:
         """cn_clip's encode_text with this encoder's pad id."""

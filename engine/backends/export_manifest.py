@@ -1,4 +1,10 @@
-"""manifest.json of an export directory: what was exported, from which weights, and how close it is to PyTorch."""
+"""manifest.json of an export directory: what was exported, from which weights, and how close it is to PyTorch.
+
+The export package writes it; the engine reads it (engine.backends.export_reader). An export made with
+`--precision auto` holds one sub-directory per precision that passed parity, each a complete export with its
+own manifest, and a top-level manifest for the fastest of them (its tower files point into that sub-directory)
+carrying every candidate's measurements in `selection`.
+"""
 from __future__ import annotations
 
 import json
@@ -16,7 +22,7 @@ FORMAT_VERSION = 1
 
 @dataclass(frozen=True)
 class TowerEntry:
-    """One tower's file and tensor interface."""
+    """One tower's file (relative to the export directory) and tensor interface."""
 
     file: str
     input_name: str
@@ -27,7 +33,10 @@ class TowerEntry:
 
 @dataclass
 class ExportManifest:
-    """Everything a backend needs to serve an export, and the parity figures measured when it was made."""
+    """Everything a backend needs to serve an export, and the parity figures measured when it was made.
+
+    `selection` is empty for a single-precision export; for `--precision auto` it records the machine, each
+    candidate precision's parity, speed and directory, and the choice (engine.backends.precision_choice)."""
 
     model: str
     checkpoint_hash: str
@@ -41,6 +50,7 @@ class ExportManifest:
     pad_id: int = 0
     parity: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
+    selection: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
     def metadata(self, tower: str) -> dict[str, str]:

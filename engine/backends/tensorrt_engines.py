@@ -1,4 +1,5 @@
-"""Build TensorRT 10 engines from an export's ONNX files, keyed on TensorRT version and GPU (rebuilt on change).
+"""Build TensorRT 10 engines from an export's ONNX files when it is opened, keyed on TensorRT version and GPU
+(rebuilt on change): engines are per machine, so the runtime builds them, not the export.
 
 An engine directory (`<export>/tensorrt/`) holds vision.engine, text.engine, timing.cache and config.json.
 fp16 engines are built strongly typed from the fp16 ONNX files, so LayerNorm stays in fp32 as exported.
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from engine.errors import CheckpointError, EngineError, InputError
 
-from .manifest import ExportManifest
+from .export_manifest import ExportManifest
 
 ENGINE_DIR = "tensorrt"
 CONFIG_NAME = "config.json"
@@ -51,7 +52,7 @@ def current_environment() -> BuildEnvironment:
     """TensorRT version and current GPU name; an InputError when either is absent."""
     import torch
 
-    from engine.backends.tensorrt_backend import import_tensorrt
+    from .tensorrt_backend import import_tensorrt
 
     trt = import_tensorrt()
     if not torch.cuda.is_available():
@@ -90,7 +91,7 @@ def _shapes(manifest: ExportManifest, profile: ProfileConfig) -> dict[str, dict[
 def build_engine(onnx_path: Path, engine_path: Path, shapes: dict[str, tuple[tuple[int, ...], ...]],
                  precision: str, timing_cache: Path, workspace_gib: float) -> None:
     """Parse `onnx_path`, build with one min/opt/max profile and a persistent timing cache, write the plan."""
-    from engine.backends.tensorrt_backend import import_tensorrt
+    from .tensorrt_backend import import_tensorrt
 
     trt = import_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
