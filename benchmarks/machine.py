@@ -10,28 +10,16 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from export.timing import best_time
+
 __all__ = ["gemm_gflops", "read_bandwidth_gbs", "copy_bandwidth_gbs", "best_time", "PeakMemory", "peak_extra_bytes"]
 
 
-def best_time(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> float:
-    """Fastest wall time of fn() in seconds over `repeats` runs after `warmup` runs."""
-    for _ in range(warmup):
-        fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-@functools.lru_cache(maxsize=None)
 def gemm_gflops(threads: int | None = None, n: int = 2048) -> float:
     """Best fp32 GEMM rate of torch.mm (n x n x n) in GFLOP/s, with `threads` intra-op threads (None: current)."""
     before = torch.get_num_threads()

@@ -42,9 +42,10 @@ def query_token_ids(context_length: int, count: int = 8, seed: int = 0) -> torch
     return Tokenizer(context_length)(texts).ids
 
 
-def best_seconds(fn: Callable[[], object], repeats: int = 3) -> float:
-    """Fastest of `repeats` timed calls after one warm-up call."""
-    fn()
+def best_time(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> float:
+    """Fastest wall time of fn() in seconds over `repeats` runs after `warmup` runs."""
+    for _ in range(warmup):
+        fn()
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
@@ -55,5 +56,5 @@ def best_seconds(fn: Callable[[], object], repeats: int = 3) -> float:
 
 def measure_speed(encoder: Encoder, pixels: torch.Tensor, token_ids: torch.Tensor, repeats: int = 3) -> Speed:
     """Time `encoder` on `pixels` (one batch) and `token_ids` (one batch)."""
-    return Speed(best_seconds(lambda: encoder.encode_images(pixels), repeats),
-                 best_seconds(lambda: encoder.encode_texts(token_ids), repeats), len(pixels), len(token_ids))
+    return Speed(best_time(lambda: encoder.encode_images(pixels), repeats),
+                 best_time(lambda: encoder.encode_texts(token_ids), repeats), len(pixels), len(token_ids))
