@@ -253,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.sizes, args.queries, args.repeats = [10_000, 30_000], 30, 8
+    if args.scratch is not None:
+        args.scratch.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="bench-index-", dir=args.scratch))
     info = machine()
     results = []
