@@ -11,7 +11,6 @@ import numpy as np
 import torch
 
 from . import ops
-from .index.topk import topk_rows
 from .laclip import LaclipConfig, ScoreConfig, laclip_scores_reference, pooled_vectors
 
 _REFERENCE_CHUNK_ELEMENTS = 1 << 24  # bound the reference's [Q, n, K] intermediate when the kernel is absent
@@ -52,16 +51,6 @@ def score_images(t: np.ndarray, g: np.ndarray, c: np.ndarray | None, p: np.ndarr
     if config.weights == "image":
         return t @ (p if p is not None else pool(g, c, config)).T
     return query_aware_scores(t, g, c, config)
-
-
-def topk_images(t: np.ndarray, g: np.ndarray, c: np.ndarray | None, p: np.ndarray | None,
-                config: Settings | None, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k images per text query; query-aware LACLIP uses the fused top-k kernel (no [Q, N] matrix)."""
-    if config is not None and config.weights == "text" and ops.extension_available():
-        values, indices = ops.laclip_topk(torch.from_numpy(t), torch.from_numpy(g), torch.from_numpy(c), k=k,
-                                          alpha=config.alpha, tau=config.tau, weights="text")
-        return values.numpy(), indices.numpy()
-    return topk_rows(score_images(t, g, c, p, config), k)
 
 
 def score_texts(t: np.ndarray, g: np.ndarray, c: np.ndarray | None, config: Settings | None) -> np.ndarray:

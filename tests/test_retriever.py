@@ -188,11 +188,12 @@ def test_kernel_and_pooled_gemm_paths_rank_alike():
     import torch
 
     from engine import ops, scoring
+    from engine.index import topk_rows
     rng = np.random.default_rng(0)
     t, g, c = (rng.standard_normal(s).astype(np.float32) for s in ((16, 64), (2000, 64), (2000, 4, 64)))
     t, g, c = (x / np.linalg.norm(x, axis=-1, keepdims=True) for x in (t, g, c))
     config = LaclipConfig(num_crops=4, tau=0.07, alpha=0.2)
-    gemm_values, gemm_indices = scoring.topk_images(t, g, c, scoring.pool(g, c, config), config, k=50)
+    gemm_values, gemm_indices = topk_rows(scoring.score_images(t, g, c, scoring.pool(g, c, config), config), 50)
     kernel_values, kernel_indices = ops.laclip_topk(torch.from_numpy(t), torch.from_numpy(g), torch.from_numpy(c),
                                                     k=50, alpha=config.alpha, tau=config.tau, weights="image")
     assert np.array_equal(kernel_indices.numpy(), gemm_indices)
