@@ -9,10 +9,11 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple, Sequence, Union
+from typing import Any, Callable, Iterator, NamedTuple, Sequence, Union
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from .backends import Encoder, TorchEncoder
@@ -179,13 +180,20 @@ class Retriever:
             views.append(self.transform.crops(decoded, boxes))
         return torch.cat(views)
 
-    def encode_image_views(self, images: Sequence[ImageInput]) -> ImageEmbeddings:
-        """Global and crop embeddings; each decoded image's crops are seeded by its content."""
+    def encode_image_views(self, images: Sequence[ImageInput],
+                           on_decoded: Callable[[Image.Image], None] | None = None) -> ImageEmbeddings:
+        """Global and crop embeddings; each decoded image's crops are seeded by its content.
+
+        Images are decoded one batch at a time; `on_decoded` sees each decoded image (thumbnails are made there)."""
         images = _as_list(images, None)
         views = 1 + (self.laclip.num_crops if self.laclip else 0)
         rows: list[np.ndarray] = []
         for chunk in self._batches(images, "images"):
-            stacked = torch.cat([self.pixels(image) for image in chunk])
+            decoded = [load_image(image, self.max_pixels) for image in chunk]
+            if on_decoded is not None:
+                for image in decoded:
+                    on_decoded(image)
+            stacked = torch.cat([self.pixels(image) for image in decoded])
             rows.extend(self.encoder.encode_images(stacked[i:i + self.batch_size])
                         for i in range(0, len(stacked), self.batch_size))
         flat = np.concatenate(rows) if rows else np.zeros((0, self.encoder.embed_dim), np.float32)
@@ -211,11 +219,10 @@ class Retriever:
         images = _as_list(images, None)
         ids = self.new_ids(images, ids, "images")
         user = _user_payloads(payloads, len(images))
-        decoded = [load_image(image, self.max_pixels) for image in images]
-        emb = self.encode_image_views(decoded)
+        thumbs: list[bytes] = []
+        emb = self.encode_image_views(images, on_decoded=lambda image: thumbs.append(make_thumbnail(image)))
         merged = [{**({"source": Path(item).name} if isinstance(item, (str, Path)) else {}), **(extra or {})} or None
                   for item, extra in zip(images, user)]
-        thumbs = [make_thumbnail(image) for image in decoded]
         return self.index.add_images(ids, emb.global_, emb.crops, merged, thumbs)
 
     def add_texts(self, texts: Sequence[str], ids: Sequence[Id] | None = None,

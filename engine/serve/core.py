@@ -215,10 +215,7 @@ class ServerCore:
         return await self.batchers["image"].submit(views)
 
     def _pixels(self, image: Any, name: str) -> torch.Tensor:
-        try:
-            return self.retriever.pixels(image)
-        except InputError as exc:
-            raise type(exc)(f"{name}: {_strip_repr(str(exc))}") from None
+        return _named(name, self.retriever.pixels, image)
 
     async def encode_image(self, upload: Any) -> tuple[np.ndarray, np.ndarray | None]:
         """(global [D], crops [K, D] or None) for one uploaded image."""
@@ -312,10 +309,7 @@ class ServerCore:
         return await self._write(add)
 
     def _decode(self, data: bytes, name: str) -> Image.Image:
-        try:
-            return load_image(data, self.retriever.max_pixels)
-        except InputError as exc:
-            raise type(exc)(f"{name}: {_strip_repr(str(exc))}") from None
+        return _named(name, load_image, data, self.retriever.max_pixels)
 
     async def add_texts(self, texts: Sequence[str], ids: Sequence[Id] | None,
                         payloads: Sequence[dict | None] | None) -> list[Id]:
@@ -364,6 +358,14 @@ class ServerCore:
             except OSError as exc:
                 log.exception("index write failed")
                 raise IndexWriteError(f"the index could not be written ({exc}); nothing was changed") from exc
+
+
+def _named(name: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args), with an InputError's message naming the upload instead of the engine's `<N bytes>` placeholder."""
+    try:
+        return fn(*args)
+    except InputError as exc:
+        raise type(exc)(f"{name}: {_strip_repr(str(exc))}") from None
 
 
 def _strip_repr(message: str) -> str:
