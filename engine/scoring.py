@@ -20,8 +20,9 @@ Settings = Union[ScoreConfig, LaclipConfig]
 
 
 def pool(g: np.ndarray, c: np.ndarray, config: Settings) -> np.ndarray:
-    """[N, D] float32 pooled vectors for image-conditioned weights (fp16 rows are widened first)."""
-    g, c = (torch.from_numpy(np.asarray(x, dtype=np.float32)) for x in (g, c))
+    """[N, D] float32 pooled vectors for image-conditioned weights (fp16 rows are widened first, by torch: numpy's
+    half-to-float conversion is several times slower)."""
+    g, c = (torch.from_numpy(np.ascontiguousarray(x)).float() for x in (g, c))
     return pooled_vectors(g, c, alpha=config.alpha, tau=config.tau).numpy()
 
 

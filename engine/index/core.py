@@ -24,6 +24,7 @@ from ..errors import EngineError, IndexFormatError, InputError
 from ..ids import Id, check_id, id_key
 from ..laclip import ScoreConfig
 from ..preprocess import TEXT_PIPELINE
+from .ann import faiss_module
 from .manifest import FORMAT_VERSION, IndexManifest
 from .rows import ImageRows, TextRows, check_image_rows, check_text_rows
 from .search import Found, ImageScorer, Placement, TextScorer, search
@@ -453,8 +454,14 @@ class Index:
             log.warning("automatic compaction failed (the write itself is committed): %s", exc)
 
     def _full_group(self, snap: Snapshot) -> list[list[int]]:
+        """Everything, when there is anything to merge, drop or rebuild (an ANN structure missing or of another
+        kind than the manifest asks for, e.g. a format-2 IVF segment)."""
         segs = snap.segments
-        if len(segs) > 1 or any(live.deleted for live in segs):
+        ann = snap.manifest.ann
+        stale = ann.kind != "none" and faiss_module() is not None and any(
+            part.rows >= ann.min_rows and (part.ann is None or part.ann.kind != ann.kind)
+            for live in segs for part in live.segment.parts.values())
+        if len(segs) > 1 or stale or any(live.deleted for live in segs):
             return [list(range(len(segs)))]
         return []
 

@@ -10,7 +10,10 @@ from ..errors import IndexFormatError, InputError
 from ..laclip import CropConfig, LaclipConfig, ScoreConfig
 from ..preprocess import TEXT_PIPELINE
 
-FORMAT_VERSION = 2
+# Format 2 differs from 3 only in what IVF's search settings meant (every row of the probed lists was scored
+# exactly, and nprobe/refine were tuned for that): a format-2 commit opens as format 3 with the current
+# defaults in their place, and its IVF segments are scanned exactly until compaction rebuilds them.
+FORMAT_VERSION = 3
 STORAGE_DTYPES = ("float32", "float16")
 AnnKind = Literal["ivf", "hnsw", "none"]
 
@@ -19,34 +22,44 @@ AnnKind = Literal["ivf", "hnsw", "none"]
 class AnnConfig:
     """Approximate candidate search (FAISS). Build settings apply when a segment is written; the rest per search.
 
-    kind: "ivf" (k-means lists; rows are stored list by list, probed lists are scored exactly), "hnsw" (a graph;
-    k x refine candidates are re-scored exactly) or "none". Segments under `min_rows` rows get no ANN and are
-    scanned exactly, and a whole index under `exact_below` live rows is always searched exactly.
+    kind: "ivf" (spherical k-means lists with 4-bit fast-scan PQ codes, one per `pq_dims` dimensions), "hnsw" (a
+    graph) or "none". Either kind yields `k x refine` candidates per query, which are re-scored exactly. IVF probes `nprobe` lists of a
+    segment, by default a quarter of them (at least 16): the fraction, not the count, keeps recall as lists
+    grow with sqrt(rows). Segments under `min_rows` rows get no ANN and are scanned exactly, and a whole index
+    under `exact_below` live rows is always searched exactly.
     """
 
     kind: AnnKind = "ivf"
     min_rows: int = 20_000
     exact_below: int = 50_000
     nlist: int | None = None
-    nprobe: int = 32
+    nprobe: int | None = None
+    pq_dims: int = 2
     hnsw_m: int = 32
     ef_construction: int = 80
     ef_search: int = 128
-    refine: int = 4
+    refine: int = 16
 
     def __post_init__(self) -> None:
         if self.kind not in ("ivf", "hnsw", "none"):
             raise InputError(f"ann kind must be 'ivf', 'hnsw' or 'none', got {self.kind!r}")
-        for name in ("min_rows", "exact_below", "nprobe", "hnsw_m", "ef_construction", "ef_search", "refine"):
+        for name in ("min_rows", "exact_below", "pq_dims", "hnsw_m", "ef_construction", "ef_search", "refine"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "exact_below" else 1):
                 raise InputError(f"ann {name} must be a positive int, got {value!r}")
-        if self.nlist is not None and (not isinstance(self.nlist, int) or self.nlist < 1):
-            raise InputError(f"ann nlist must be a positive int or None, got {self.nlist!r}")
+        for name in ("nlist", "nprobe"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise InputError(f"ann {name} must be a positive int or None, got {value!r}")
 
     def lists_for(self, rows: int) -> int:
-        """IVF list count for a segment of `rows` rows: `nlist`, or about sqrt(rows)."""
-        return max(1, min(rows // 8, self.nlist or int(round(rows ** 0.5))))
+        """IVF list count for a segment of `rows` rows: `nlist`, or about 4 sqrt(rows); at least 40 rows a list
+        (what k-means asks for per centroid)."""
+        return max(1, min(rows // 40, self.nlist or int(round(4 * rows ** 0.5))))
+
+    def probes_for(self, lists: int) -> int:
+        """IVF lists probed in a segment of `lists` lists: `nprobe`, or an eighth of them (at least 16)."""
+        return max(1, min(lists, self.nprobe or max(16, lists // 8)))
 
 
 @dataclass
@@ -106,9 +119,13 @@ class IndexManifest:
             crops = CropConfig.from_dict(data["crops"]) if data.get("crops") else None
             score = ScoreConfig.from_dict(data["score"]) if data.get("score") else None
             laclip = LaclipConfig.from_parts(crops, score) if crops else None
+            version = int(data["format_version"])
+            ann = dict(data.get("ann", {}))
+            if version == 2:
+                ann = {key: value for key, value in ann.items() if key not in ("nprobe", "refine")}
+                version = FORMAT_VERSION
             return cls(data["model"], data["checkpoint_hash"], int(data["embed_dim"]), laclip,
                        data.get("checkpoint_path"), int(data["context_length"]), data.get("export_dir"),
-                       data["dtype"], data.get("text_pipeline"), AnnConfig(**data.get("ann", {})),
-                       int(data["format_version"]))
+                       data["dtype"], data.get("text_pipeline"), AnnConfig(**ann), version)
         except (KeyError, TypeError, ValueError) as exc:
             raise IndexFormatError(f"{source}: damaged manifest ({exc.__class__.__name__}: {exc})") from exc

@@ -1,9 +1,10 @@
 """Search over a snapshot: exact scans in bounded blocks, or ANN candidates re-scored exactly; deleted rows skipped.
 
 One scoring path for both: a Scorer turns query vectors and a run of stored rows into exact scores (plain CLIP,
-pooled image-weight LACLIP, or query-aware LACLIP through the fused kernel). The exact scan feeds it every row;
-the ANN stage feeds it the probed IVF lists (contiguous slices, no copy) or the HNSW candidates (k x refine,
-gathered). Per-segment top-k lists are merged with ties going to the earlier segment, then the lower row.
+pooled image-weight LACLIP, or query-aware LACLIP through the fused kernel). The exact scan feeds it every row
+in bounded blocks; the ANN stage feeds it each query's k x refine FAISS candidates (IVF fast-scan or HNSW over
+the primary vectors, deleted rows filtered inside FAISS), gathered from the memory map. Per-segment top-k lists
+are merged with ties going to the earlier segment, then the lower row.
 """
 from __future__ import annotations
 
@@ -71,6 +72,15 @@ class Placement:
                     del self._resident[key]
 
 
+def pooled_rows(part: Part, rows: Rows, place: Placement, score: ScoreConfig) -> torch.Tensor:
+    """Pooled vectors of `rows` for (tau, alpha) in the storage dtype: a scan reads the segment's pooled column
+    (made once, then cached); ANN candidates are pooled as gathered, so no query pays for the whole column."""
+    if isinstance(rows, slice):
+        key = f"pooled:{score.tau}:{score.alpha}"
+        return place.rows(part, key, rows, part.pooled(score, scoring.pool))
+    return place.tensor(scoring.pool(part.vectors[rows], part.crops[rows], score).astype(part.vectors.dtype))
+
+
 @dataclass(frozen=True)
 class ImageScorer:
     """Text queries t [Q, D] against stored images; score None = plain CLIP (global term only)."""
@@ -90,10 +100,8 @@ class ImageScorer:
         t = place.tensor(self.t)
         if self.score is None:
             return t @ place.rows(part, "vectors", rows).float().T
-        if self.score.weights == "image":  # the segment's pooled vectors for this (tau, alpha), made once
-            pooled = part.pooled(self.score, scoring.pool)
-            key = f"pooled:{self.score.tau}:{self.score.alpha}"
-            return t @ place.rows(part, key, rows, pooled).float().T
+        if self.score.weights == "image":
+            return t @ pooled_rows(part, rows, place, self.score).float().T
         return scoring.query_aware_tensor(t, place.rows(part, "vectors", rows), place.rows(part, "crops", rows),
                                           self.score)
 
@@ -148,7 +156,7 @@ def search(snapshot: Snapshot, scorer: Scorer, k: int, *, exact: bool, ann: AnnC
     use_ann = not exact and ann.kind != "none" and snapshot.live(scorer.kind) >= ann.exact_below
     pieces: list[list[tuple[np.ndarray, int, np.ndarray]]] = [[] for _ in range(queries)]
     for position, live, part in snapshot.parts(scorer.kind):
-        if use_ann and part.ann_kind is not None:
+        if use_ann and part.ann is not None:
             _ann_segment(scorer, part, live, position, k, ann, place, pieces)
         else:
             _scan_segment(scorer, part, live, position, k, place, pieces)
@@ -174,17 +182,12 @@ def _scan_segment(scorer: Scorer, part: Part, live: LiveSegment, position: int, 
 
 def _ann_segment(scorer: Scorer, part: Part, live: LiveSegment, position: int, k: int, ann: AnnConfig,
                  place: Placement, pieces: list[list]) -> None:
-    one = scorer.select
-    for q, query in enumerate(scorer.candidates):
-        single = one(np.array([q]))
-        if part.ivf is not None:  # the probed lists' rows, gathered once and scored in one call
-            ranges = part.ivf.ranges(np.asarray(query, np.float32), ann.nprobe)
-            rows = np.concatenate([np.arange(start, stop) for start, stop in ranges] or [np.zeros(0, np.int64)])
-        else:
-            wanted = k * ann.refine + len(live.deleted.get(scorer.kind, ()))
-            rows = np.sort(part.hnsw.candidates(np.asarray(query, np.float32), wanted, ann.ef_search))
+    """Each query's k x refine live candidates from the segment's FAISS structure, re-scored exactly."""
+    candidates = part.ann.search(scorer.candidates, k * ann.refine, ann, live.live_bits.get(scorer.kind))
+    for q, rows in enumerate(candidates):
+        rows = np.sort(rows[rows >= 0])
         if len(rows):
-            scores = single.scores(part, rows, place).float().cpu().numpy()[0]
+            scores = scorer.select(np.array([q])).scores(part, rows, place).float().cpu().numpy()[0]
             _collect(pieces[q], scores, rows, live, scorer.kind, position, k)
 
 

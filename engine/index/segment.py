@@ -7,10 +7,11 @@ ids), JSON payloads, JPEG thumbnails (images), and its ANN structure when it has
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import threading
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +20,17 @@ import numpy as np
 from ..errors import IndexFormatError
 from ..ids import Id, id_key
 from ..laclip import ScoreConfig
-from .ann import HnswGraph, IvfProbe, build_hnsw, build_ivf
+from .ann import Candidates, build_hnsw, build_ivf
 from .manifest import AnnConfig, IndexManifest
 from .rows import CheckedRows, decode_payload
 from .storage import Rows, fsync_dir, read_container, verify_container, write_container
 
+log = logging.getLogger(__name__)
 SEGMENT_SUFFIX = ".seg"
 TMP_PREFIX = ".tmp-"
 KINDS = ("images", "texts")
 _POOLED_CACHE_ENTRIES = 2
+ANN_COLUMNS = {"ivf": "ivf_fastscan", "hnsw": "hnsw"}  # the column holding each kind's serialised FAISS index
 
 
 @dataclass(frozen=True)
@@ -85,38 +88,42 @@ class Blobs:
 
 
 def part_columns(source: PartSource, ann: AnnConfig, build_ann: bool) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(columns, part meta) for one part; with an IVF layout, every column is written list by list."""
+    """(columns, part meta) for one part, with its serialised ANN structure when one is built."""
     meta: dict[str, Any] = {"rows": len(source), "ann": None}
     columns: dict[str, Any] = {}
-    order = None
-    if build_ann and ann.kind == "ivf":
-        layout = build_ivf(source.vectors, ann)
-        if layout is not None:
-            order = layout.order
-            columns.update(ivf_centroids=layout.centroids, ivf_offsets=layout.offsets)
-            meta["ann"] = "ivf"
-    elif build_ann and ann.kind == "hnsw":
-        graph = build_hnsw(source.vectors, ann)
-        if graph is not None:
-            columns["hnsw"] = graph
-            meta["ann"] = "hnsw"
-    ids, payloads, thumbs = source.ids, source.payloads, source.thumbnails
-    if order is not None:
-        ids, payloads = [ids[i] for i in order], [payloads[i] for i in order]
-        thumbs = [thumbs[i] for i in order] if thumbs is not None else None
-    columns["vectors"] = replace(source.vectors, order=order)
+    if build_ann and ann.kind != "none":
+        structure = (build_ivf if ann.kind == "ivf" else build_hnsw)(source.vectors, ann)
+        if structure is not None:
+            columns[ANN_COLUMNS[ann.kind]] = structure
+            meta["ann"] = ann.kind
+    columns["vectors"] = source.vectors
     if source.crops is not None:
-        columns["crops"] = replace(source.crops, order=order)
-    keys = [id_key(i) for i in ids]
+        columns["crops"] = source.crops
+    keys = [id_key(i) for i in source.ids]
     hashes = np.array([key_hash(k) for k in keys], dtype=np.uint64)
     columns["id_order"] = np.argsort(hashes, kind="stable").astype(np.int64)
     columns["id_hash"] = hashes[columns["id_order"]]
     columns["id_data"], columns["id_offsets"] = Blobs.columns([k.encode("utf-8") for k in keys])
-    columns["id_int"] = np.array([isinstance(i, int) for i in ids], dtype=bool)
-    columns["payload_data"], columns["payload_offsets"] = Blobs.columns(payloads)
-    if thumbs is not None and any(thumbs):
-        columns["thumb_data"], columns["thumb_offsets"] = Blobs.columns(thumbs)
+    columns["id_int"] = np.array([isinstance(i, int) for i in source.ids], dtype=bool)
+    columns["payload_data"], columns["payload_offsets"] = Blobs.columns(source.payloads)
+    if source.thumbnails is not None and any(source.thumbnails):
+        columns["thumb_data"], columns["thumb_offsets"] = Blobs.columns(source.thumbnails)
     return columns, meta
+
+
+def _candidates(kind: str, columns: dict[str, np.ndarray], meta: dict[str, Any], where: str) -> Candidates | None:
+    """The part's ANN structure, or None: none was built, or it is the format-2 IVF layout (centroids and
+    list offsets, no codes), which is scanned exactly until compaction rebuilds it (logged)."""
+    ann = meta.get("ann")
+    if ann is None:
+        return None
+    if ann == "ivf" and ANN_COLUMNS["ivf"] not in columns:
+        log.warning("%s: %s were written with the format-2 IVF layout; they are searched exactly until "
+                    "Index.compact() rebuilds them with fast-scan candidates", where, kind)
+        return None
+    if ann not in ANN_COLUMNS or ANN_COLUMNS[ann] not in columns:
+        raise IndexFormatError(f"{where}: {kind} claim an {ann!r} ANN structure the file does not hold")
+    return Candidates(ann, columns[ANN_COLUMNS[ann]])
 
 
 class Part:
@@ -131,9 +138,7 @@ class Part:
         self._id_int, self._id_hash, self._id_order = columns["id_int"], columns["id_hash"], columns["id_order"]
         self._payloads = Blobs(columns["payload_data"], columns["payload_offsets"])
         self._thumbs = Blobs(columns["thumb_data"], columns["thumb_offsets"]) if "thumb_data" in columns else None
-        self.ann_kind: str | None = meta.get("ann")
-        self.ivf = IvfProbe(columns["ivf_centroids"], columns["ivf_offsets"]) if self.ann_kind == "ivf" else None
-        self.hnsw = HnswGraph(columns["hnsw"]) if self.ann_kind == "hnsw" else None
+        self.ann = _candidates(kind, columns, meta, where)
         self._pooled: dict[tuple[float, float], np.ndarray] = {}
         self._max_int: int | None = None
         self._lock = threading.Lock()

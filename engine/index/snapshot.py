@@ -13,21 +13,24 @@ from .segment import KINDS, Part, Segment
 
 @dataclass(frozen=True)
 class LiveSegment:
-    """A segment with the rows deleted from it as of one commit (sorted row numbers per kind)."""
+    """A segment with the rows deleted from it as of one commit (sorted row numbers per kind), as a boolean mask
+    and as the packed live bitmap FAISS filters candidates with."""
 
     segment: Segment
     deleted: dict[str, np.ndarray] = field(default_factory=dict)
     masks: dict[str, np.ndarray] = field(default_factory=dict, compare=False)
+    live_bits: dict[str, np.ndarray] = field(default_factory=dict, compare=False)
 
     @classmethod
     def of(cls, segment: Segment, deleted: dict[str, np.ndarray] | None = None) -> "LiveSegment":
         deleted = {kind: rows for kind, rows in (deleted or {}).items() if len(rows)}
-        masks = {}
+        masks, bits = {}, {}
         for kind, rows in deleted.items():
             mask = np.zeros(segment.rows(kind), dtype=bool)
             mask[rows] = True
             masks[kind] = mask
-        return cls(segment, deleted, masks)
+            bits[kind] = np.packbits(~mask, bitorder="little")
+        return cls(segment, deleted, masks, bits)
 
     def live(self, kind: str) -> int:
         return self.segment.rows(kind) - len(self.deleted.get(kind, ()))
@@ -97,9 +100,9 @@ class Snapshot:
         per_kind = {kind: {"rows": self.live(kind), "deleted": self.deleted(kind)} for kind in KINDS}
         ann = {}
         for kind in KINDS:
-            kinds = [part.ann_kind for _, _, part in self.parts(kind)]
-            ann[kind] = {"segments_with_ann": sum(1 for a in kinds if a), "kind": next((a for a in kinds if a), None),
-                         "rows_with_ann": sum(part.rows for _, _, part in self.parts(kind) if part.ann_kind)}
+            built = [part for _, _, part in self.parts(kind) if part.ann is not None]
+            ann[kind] = {"segments_with_ann": len(built), "kind": built[0].ann.kind if built else None,
+                         "rows_with_ann": sum(part.rows for part in built)}
         return {"generation": self.generation, "images": per_kind["images"]["rows"],
                 "texts": per_kind["texts"]["rows"], "deleted_images": per_kind["images"]["deleted"],
                 "deleted_texts": per_kind["texts"]["deleted"], "segments": len(self.segments), "ann": ann,
