@@ -7,7 +7,9 @@ precision="auto")` (every candidate parity-gated and timed, the choice recorded)
 /tmp/cnclip-bench-towers; reused while the checkpoint and the export code are unchanged).
 Cases: vision at batch 1, 8, 32; text at lengths 8 and 52 (all tokens real) at batch 1, 8, 32. Threads:
 torch.set_num_threads(THREADS) and ONNX Runtime intra-op THREADS, inter-op 1. torch-bf16 (autocast over
-engine.towers) runs only where the CPU has bf16 units (AMX or AVX512-BF16), else it is skipped with that reason.
+engine.towers) and torch-bf16-compiled (bf16 weights, the vision tower compiled by TorchInductor per batch bucket;
+its compile happens in the warm-up round) run only where the CPU has bf16 units (AMX or AVX512-BF16), else they
+are skipped with that reason.
 items/s use each case's best round (the least disturbed on a shared machine). Every fast path's parity (min
 cosine vs fp32 PyTorch, generated inputs) is measured with export.parity; a markdown summary with the targets
 goes to bench-out/towers.md and is printed at the end.
@@ -36,7 +38,7 @@ BATCHES = choose([1, 8, 32], [1, 8])
 TEXT_LENGTHS = [8, 52]
 EXPORTED = ("fp32", "int8", "int8-static")
 PEER = "cn_clip-onnx"
-IMPLS = ["torch-fp32", "torch-bf16", *(f"onnx-{p}" for p in EXPORTED), PEER]
+IMPLS = ["torch-fp32", "torch-bf16", "torch-bf16-compiled", *(f"onnx-{p}" for p in EXPORTED), PEER]
 TARGETS = {("vision", 8): 5.0, ("text L=8", 1): 10.0, ("text L=8", 8): 10.0}  # issue 17: x the reference
 _BASE_DIR = Path(os.environ.get("BENCH_TOWERS_DIR", "/tmp/cnclip-bench-towers"))
 WORK_DIR = _BASE_DIR if MODEL == "ViT-B-16" else _BASE_DIR / MODEL
@@ -81,10 +83,11 @@ def encoders(checkpoint: Path) -> dict[str, object]:
     _cached(peer_dir, weights, lambda: export_peer(loaded.model, loaded.spec.input_resolution, peer_dir))
     SELECTION.update(load_manifest(auto_dir).selection)
     out: dict[str, object] = {"torch-fp32": TorchEncoder(loaded.model, loaded.spec.input_resolution)}
-    if cpu_info().bf16:
-        out["torch-bf16"] = TorchEncoder(loaded.model, loaded.spec.input_resolution, precision="bf16")
-    else:
-        UNAVAILABLE["torch-bf16"] = f"this CPU ({cpu_info().model}) has no bf16 units (AMX or AVX512-BF16)"
+    for impl in ("torch-bf16", "torch-bf16-compiled"):
+        if cpu_info().bf16:
+            out[impl] = TorchEncoder(loaded.model, loaded.spec.input_resolution, precision=impl[len("torch-"):])
+        else:
+            UNAVAILABLE[impl] = f"this CPU ({cpu_info().model}) has no bf16 units (AMX or AVX512-BF16)"
     for precision in EXPORTED:
         candidate = SELECTION["candidates"][precision]
         if not candidate["passed"]:  # the export's parity gate dropped it: say so with its figures
@@ -96,7 +99,8 @@ def encoders(checkpoint: Path) -> dict[str, object]:
     inputs = ParityInputs({"generated": generated_pixels(loaded.spec.input_resolution)},
                           {"generated": generated_token_ids(52)})
     ref = reference(loaded.model, inputs)
-    thresholds = {"torch-bf16": THRESHOLDS["bf16"], PEER: THRESHOLDS["fp32"],
+    thresholds = {"torch-bf16": THRESHOLDS["bf16"], "torch-bf16-compiled": THRESHOLDS["bf16"],
+                  PEER: THRESHOLDS["fp32"],
                   **{f"onnx-{p}": THRESHOLDS[p] for p in EXPORTED}}
     for impl, threshold in thresholds.items():
         if impl in out:

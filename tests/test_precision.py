@@ -12,12 +12,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import torch
 
 from conftest import SAMPLE_TEXTS
 from engine import InputError, Retriever
 from engine.backends import TorchEncoder, cpu_features, export_reader, onnx_backend
 from engine.backends.export_manifest import MANIFEST_NAME
 from engine.backends.export_reader import choose_precision, load_manifest, open_encoder
+from engine.backends.torch_backend import batch_bucket
 from engine.errors import CheckpointError
 from engine.models import load_model
 from engine.preprocess import Tokenizer
@@ -74,6 +76,30 @@ def test_torch_bf16_on_cpu_passes_the_bf16_gate(tiny_checkpoint):
     assert row_cosines(bf16.encode_texts(ids), want_texts).min() >= THRESHOLDS["bf16"]
     with pytest.raises(InputError, match="fp16.*CUDA"):
         TorchEncoder(clip, 224, precision="fp16")
+
+
+def test_batch_buckets_are_few_and_cover_every_size():
+    sizes = range(1, 65)
+    buckets = {batch_bucket(n) for n in sizes}
+    assert buckets == {1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64}
+    assert all(n <= batch_bucket(n) < 2 * n or n == 1 for n in sizes)
+    with pytest.raises(InputError, match="batch size"):
+        batch_bucket(0)
+
+
+def test_torch_bf16_compiled_passes_the_bf16_gate_on_padded_batches(tiny_checkpoint):
+    """bf16 weights with the vision tower compiled per batch bucket: batches of 3 (padded to 4) and 1 against the
+    fp32 reference, on inputs the compiler never saw; the padding rows never reach the output."""
+    clip = load_model(tiny_checkpoint, "tiny").model
+    pixels = generated_pixels(224, count=4, seed=5)
+    ids = Tokenizer(52)(SAMPLE_TEXTS).ids
+    want_images, want_texts = _reference(tiny_checkpoint, pixels, ids)
+    compiled = TorchEncoder(clip, 224, precision="bf16-compiled")
+    got = np.concatenate([compiled.encode_images(pixels[:3]), compiled.encode_images(pixels[3:])])
+    assert got.shape == want_images.shape
+    assert row_cosines(got, want_images).min() >= THRESHOLDS["bf16"]
+    assert row_cosines(compiled.encode_texts(ids), want_texts).min() >= THRESHOLDS["bf16"]
+    assert all(p.dtype == torch.float32 for p in clip.parameters())  # the caller's model is left as it was
 
 
 # ---- --precision auto ----------------------------------------------------------------------------------------

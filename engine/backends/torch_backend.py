@@ -1,12 +1,18 @@
-"""PyTorch towers: cn_clip's own forward in fp32 (the reference), the restated SDPA towers under fp16/bf16 autocast.
+"""PyTorch towers: cn_clip's own forward in fp32 (the reference), the restated SDPA towers under fp16/bf16 autocast,
+or in bf16 with the vision tower compiled.
 
 bf16 also runs on CPU (oneDNN's bf16 GEMMs, fast where the CPU has AMX or AVX512-BF16: engine.backends.cpu_features);
-fp16 is for CUDA only.
+fp16 is for CUDA only. "bf16-compiled" stores both towers' weights in bf16 (LayerNorms stay fp32, so their statistics
+are fp32) and compiles the vision tower with TorchInductor and weight freezing, one static graph per batch bucket
+(1, 2, 4, 8, then multiples of 8: batches are zero-padded up to their bucket), so a process compiles a bounded
+number of graphs; the text tower, whose shapes vary with query length, runs eagerly. Measured on a 2-core Xeon
+with AMX (ViT-B-16, batch 8): autocast 3.7x, compiled 5.5x the fp32 reference; for text, bf16 weights beat autocast.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Literal
+import copy
+from typing import Callable, Literal
 
 import numpy as np
 import torch
@@ -15,8 +21,40 @@ from ..errors import InputError
 from ..towers import TextTower, VisionTower
 from .base import l2_normalize, trim_padding
 
-Precision = Literal["fp32", "fp16", "bf16"]
+Precision = Literal["fp32", "fp16", "bf16", "bf16-compiled"]
+PRECISIONS = ("fp32", "fp16", "bf16", "bf16-compiled")
 _AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def batch_bucket(n: int) -> int:
+    """The padded batch size a compiled graph runs at: the next power of two up to 8, then the next multiple of 8."""
+    if n < 1:
+        raise InputError(f"batch size must be >= 1, got {n}")
+    return 1 << (n - 1).bit_length() if n <= 8 else -(-n // 8) * 8
+
+
+def bf16_weights(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `module` with bf16 parameters except its LayerNorms' (cn_clip's LayerNorm computes in fp32)."""
+    out = copy.deepcopy(module).to(torch.bfloat16)
+    for sub in out.modules():
+        if isinstance(sub, torch.nn.LayerNorm):
+            sub.float()
+    return out
+
+
+class CompiledBuckets:
+    """A module compiled by TorchInductor (weights frozen as constants) with static shapes, called at the batch
+    bucket of each input: rows are zero-padded to it and cut off again."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self._compiled: Callable = torch.compile(module, dynamic=False, options={"freezing": True})
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        padded = batch_bucket(n)
+        if padded != n:
+            x = torch.cat([x, x.new_zeros((padded - n, *x.shape[1:]))])
+        return self._compiled(x)[:n]
 
 
 class TorchEncoder:
@@ -25,8 +63,8 @@ class TorchEncoder:
 
     def __init__(self, model: torch.nn.Module, input_resolution: int, device: str = "cpu",
                  precision: Precision = "fp32", pad_id: int = 0) -> None:
-        if precision not in ("fp32", "fp16", "bf16"):
-            raise InputError(f"precision must be fp32, fp16 or bf16, got {precision!r}")
+        if precision not in PRECISIONS:
+            raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise InputError(f"device {device!r} requested but no CUDA GPU is available")
@@ -34,17 +72,25 @@ class TorchEncoder:
             raise InputError(f"precision 'fp16' is for CUDA; on {device!r} use fp32 or bf16")
         self.model = model.to(self.device).float().eval()
         self.precision = precision
-        low_precision = precision != "fp32"
-        self._image_tower = VisionTower(self.model).eval() if low_precision else self.model.encode_image
-        self._text_tower = TextTower(self.model, pad_id).eval() if low_precision else self._reference_text
+        if precision == "fp32":
+            self._image_tower, self._text_tower = self.model.encode_image, self._reference_text
+        elif precision == "bf16-compiled":
+            self._image_tower = CompiledBuckets(bf16_weights(VisionTower(self.model).eval()))
+            self._text_tower = bf16_weights(TextTower(self.model, pad_id).eval())
+        else:
+            self._image_tower, self._text_tower = VisionTower(self.model).eval(), TextTower(self.model, pad_id).eval()
         self.input_resolution = input_resolution
         self.embed_dim = int(model.text_projection.shape[1])
         self.pad_id = pad_id
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.precision == "fp32":
+        if self.precision not in _AUTOCAST:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=_AUTOCAST[self.precision])
+
+    def _inputs(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        return x.to(torch.bfloat16) if self.precision == "bf16-compiled" and x.is_floating_point() else x
 
     def _reference_text(self, ids: torch.Tensor) -> torch.Tensor:
         """cn_clip's encode_text with this encoder's pad id."""
@@ -54,13 +100,12 @@ class TorchEncoder:
     @torch.inference_mode()
     def encode_images(self, pixels: torch.Tensor) -> np.ndarray:
         with self._autocast():
-            out = self._image_tower(pixels.to(self.device, non_blocking=True))
+            out = self._image_tower(self._inputs(pixels))
         return l2_normalize(out.float().cpu().numpy())
 
     @torch.inference_mode()
     def encode_texts(self, token_ids: torch.Tensor) -> np.ndarray:
         trimmed = trim_padding(token_ids.cpu().numpy(), self.pad_id, min_length=1)
-        ids = torch.from_numpy(trimmed).to(self.device, non_blocking=True)
         with self._autocast():
-            out = self._text_tower(ids)
+            out = self._text_tower(self._inputs(torch.from_numpy(trimmed)))
         return l2_normalize(out.float().cpu().numpy())

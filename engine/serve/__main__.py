@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from ..backends.torch_backend import PRECISIONS
 from ..batcher import BatcherConfig
 from ..cli import add_laclip_arguments, laclip_from_args
 from ..errors import EngineError
@@ -57,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="PyTorch towers (not --export): bf16 autocast, or bf16-compiled (bf16 weights, vision tower "
+                        "compiled per batch bucket on first use; fastest on CPUs with AMX or AVX512-BF16); fp16 "
+                        "needs --device cuda")
     p.add_argument("--api-key", default=os.environ.get("CNCLIP_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 routes but /v1/info (default: $CNCLIP_API_KEY)")
     p.add_argument("--protect-metrics", action="store_true", help="with --api-key: /metrics needs the key too")
@@ -99,6 +104,8 @@ def config_from_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> Se
         p.error("--checkpoint, --random-weights and --export are exclusive")
     if args.export is not None and not args.export.is_dir():
         p.error(f"--export {args.export}: not a directory")
+    if args.export is not None and args.precision != "fp32":
+        p.error("--precision is for PyTorch towers; an --export directory holds its own precisions")
     if args.export is None and args.model is None:
         p.error("--model is required (unless --export, whose manifest names the model)")
     if args.in_memory and args.index is not None:
@@ -122,7 +129,8 @@ def config_from_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> Se
         p.error(str(exc))
     return ServeConfig(model=args.model, checkpoint=args.checkpoint, random_weights=args.random_weights,
                        export_dir=args.export, backend=args.backend, index_dir=index_dir, gallery=args.gallery,
-                       texts=args.texts, laclip=laclip, device=args.device, batch=batch, workers=args.workers,
+                       texts=args.texts, laclip=laclip, device=args.device, precision=args.precision, batch=batch,
+                       workers=args.workers,
                        max_pixels=args.max_pixels)
 
 

@@ -51,6 +51,7 @@ class ServeConfig:
     texts: Path | None = None
     laclip: LaclipConfig | None = None
     device: str = "cpu"
+    precision: str = "fp32"  # PyTorch towers (not an export): fp32, bf16, bf16-compiled, fp16 (CUDA)
     batch: BatcherConfig = field(default_factory=BatcherConfig)
     workers: int = 2
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -75,14 +76,14 @@ def build_retriever(config: ServeConfig) -> Retriever:
             return Retriever.load(index_dir, export=config.export_dir, backend=config.backend,
                                   device=config.device, **options)
         return Retriever.load(index_dir, checkpoint=config.checkpoint, device=config.device,
-                              random_weights=config.random_weights, **options)
+                              random_weights=config.random_weights, precision=config.precision, **options)
     if config.export_dir is not None:
         retriever = Retriever.from_export(config.export_dir, config.backend, config.device, config.laclip,
                                           model=config.model, **options)
     else:
         retriever = Retriever.from_checkpoint(config.checkpoint, model=config.model, device=config.device,
-                                              laclip=config.laclip, random_weights=config.random_weights,
-                                              **options)
+                                              laclip=config.laclip, precision=config.precision,
+                                              random_weights=config.random_weights, **options)
     if index_dir is not None:
         retriever.save(index_dir)
     return retriever
