@@ -7,6 +7,7 @@ import json
 import sys
 from typing import Sequence
 
+from .backends.torch_backend import PRECISIONS
 from .errors import EngineError
 from .eval.datasets import DatasetError
 from .laclip import LaclipConfig
@@ -74,6 +75,8 @@ def _index_parser(index: argparse.ArgumentParser) -> None:
     what.add_argument("--feature-kind", choices=["image", "text"], help="what a .npy features file holds")
     run = index.add_argument_group("running")
     run.add_argument("--device", default="cpu", help="device of the single-process run")
+    run.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                     help="PyTorch tower precision (bf16-compiled: fastest on CPUs with AMX or AVX512-BF16)")
     run.add_argument("--batch-size", type=int, default=32, help="images per encode batch")
     run.add_argument("--segment-rows", type=int, default=1024, help="images per written segment")
     run.add_argument("--skip-bad", action="store_true",
@@ -103,9 +106,9 @@ def run_index(args: argparse.Namespace) -> int:
     features = [FeatureFile(path, args.feature_ids, args.feature_kind) for path in args.features or []]
     job = IndexJob(images=args.images or [], out=args.out, model=args.model, checkpoint=args.checkpoint,
                    random_weights=args.random_weights, laclip=laclip_from_args(args), texts=args.texts,
-                   features=features, source_kind=args.source_kind, device=args.device, batch_size=args.batch_size,
-                   segment_rows=args.segment_rows, skip_bad=args.skip_bad, ray=ray, progress=not args.quiet,
-                   progress_every=args.progress_every)
+                   features=features, source_kind=args.source_kind, device=args.device, precision=args.precision,
+                   batch_size=args.batch_size, segment_rows=args.segment_rows, skip_bad=args.skip_bad, ray=ray,
+                   progress=not args.quiet, progress_every=args.progress_every)
     report = index_collection(job)
     for problem in report.problems:
         print(f"skipped: {problem}", file=sys.stderr)
