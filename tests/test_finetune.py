@@ -389,12 +389,16 @@ def test_checkpoint_from_the_fixture_starts_a_run(shapes, tmp_path, tiny_checkpo
 
 @pytest.mark.slow
 def test_vit_b_16_random_weights_loss_falls(tmp_path):
-    """ViT-B-16 from random weights, both towers training, 8 CPU steps over 24 pairs: the loss leaves ln(8)."""
+    """ViT-B-16 from random weights, both towers training, 40 CPU steps over 24 pairs (batch 8, the CE-CLIP-like
+    lr 3e-5): the loss falls well below ln(8), chance for a batch of 8, so it learned the pairs, not a uniform
+    answer (at lr 5e-4 it only collapsed to ln(8)). Measured on a 2-core Xeon: 2.17 -> 1.26 (means of the first
+    and last five steps), 162 s."""
     data = make_shapes_dataset(tmp_path / "data", {"train": 1}, image_size=64, templates=1, seed=5)
     config = FinetuneConfig(model="ViT-B-16", random_weights=True, data=data, out=tmp_path / "run",
-                            valid_split=None, stage1_steps=0, stage2_steps=8, batch_size=8, lr=5e-4,
+                            valid_split=None, stage1_steps=0, stage2_steps=40, batch_size=8, lr=3e-5,
                             warmup_steps=2, dropout=0.0, progress=False)
     finetune(config)
     losses = step_losses(tmp_path / "run")
     print("ViT-B-16 losses:", [round(x, 3) for x in losses])
-    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < math.log(8) - 0.3 and last < first - 0.3, (first, last)
