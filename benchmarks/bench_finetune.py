@@ -5,7 +5,8 @@ runs (`engine.finetune.gradcache.step_gradients`, gradient clipping, AdamW) on p
 stage 2 (both towers train) plain and with gradient caching (chunks of a quarter batch), and stage 1 (text only)
 plain. Pairs/s is the batch over the median step time; gradient caching is reported as a ratio to plain in the
 same run, with each mode's extra peak resident memory. The image pipeline (decode + cn_clip's transform, one
-core) is measured separately, since it runs in loader workers beside the step.
+core) is measured separately, since it runs in loader workers beside the step. On a CUDA GPU the same steps run
+for ViT-B-16 in bf16 autocast (the trainer's GPU precision); without one that row is skipped and says why.
 
     python -m benchmarks.bench_finetune --out results/finetune.json [--quick]
 """
@@ -57,22 +58,31 @@ def make_inputs(batch: int, resolution: int, text_length: int, seed: int = 0) ->
                       torch.eye(batch, dtype=torch.bool))
 
 
-def time_steps(model_name: str, mode: str, batch: int, steps: int, text_length: int) -> Point:
-    """Warm-up step, then `steps` timed optimizer steps of `mode` (stage2, stage2-gradcache, stage1)."""
+def time_steps(model_name: str, mode: str, batch: int, steps: int, text_length: int, device: str = "cpu") -> Point:
+    """Warm-up step, then `steps` timed optimizer steps of `mode` (stage2, stage2-gradcache, stage1); on CUDA in
+    bf16 autocast, synchronising inside each timed step."""
     spec = get_spec(model_name)
-    model = build_random_model(spec)
+    model = build_random_model(spec).to(device)
     stage = 1 if mode == "stage1" else 2
     chunk = max(1, batch // 4) if mode.endswith("gradcache") else None
     set_stage(model, stage)
     config = FinetuneConfig(model=model_name, data=Path("."), out=Path("."), batch_size=batch, grad_clip=1.0)
     optimizer = build_optimizer(model, config)
     inputs = make_inputs(batch, spec.input_resolution, text_length)
+    cuda = device.startswith("cuda")
+    if cuda:
+        inputs = StepInputs(inputs.pixels.to(device), inputs.token_ids.to(device), inputs.positives.to(device))
+
+    def autocast() -> contextlib.AbstractContextManager:
+        return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
 
     def one_step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        step_gradients(model, inputs, train_vision=stage == 2, chunk=chunk, autocast=contextlib.nullcontext)
+        step_gradients(model, inputs, train_vision=stage == 2, chunk=chunk, autocast=autocast)
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], 1.0)
         optimizer.step()
+        if cuda:
+            torch.cuda.synchronize()
 
     one_step()  # warm-up: allocator, AdamW state
     times = []
@@ -83,7 +93,8 @@ def time_steps(model_name: str, mode: str, batch: int, steps: int, text_length: 
             times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
     mib = peak.extra_bytes / 2**20 if peak.supported else None
-    return Point(model_name, mode, batch, chunk, steps, seconds, batch / seconds, mib)
+    return Point(model_name if not cuda else f"{model_name} (CUDA bf16)", mode, batch, chunk, steps, seconds,
+                 batch / seconds, mib)
 
 
 def image_pipeline_rate(resolution: int, count: int) -> float:
@@ -112,15 +123,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="small batches and one timed step (a smoke run)")
     ap.add_argument("--text-length", type=int, default=24, help="tokens per caption (after trimming padding)")
     args = ap.parse_args(argv)
-    plan = ([("tiny", 16, 2), ("ViT-B-16", 4, 1)] if args.quick else [("tiny", 64, 5), ("ViT-B-16", 16, 2)])
+    plan = ([("tiny", 16, 2, "cpu"), ("ViT-B-16", 4, 1, "cpu")] if args.quick else
+            [("tiny", 64, 5, "cpu"), ("ViT-B-16", 16, 2, "cpu")])
+    gpu_skipped = None
+    if torch.cuda.is_available():
+        plan.append(("ViT-B-16", 16 if args.quick else 128, 2 if args.quick else 5, "cuda"))
+    else:
+        gpu_skipped = "no CUDA GPU visible to torch: the ViT-B-16 bf16 row runs only on a GPU machine"
+        print(f"GPU row skipped: {gpu_skipped}")
     cpu = cpu_info()
     print(f"CPU: {cpu.model} ({', '.join(cpu.flags) or 'no reported ISA flags'}), torch threads "
           f"{torch.get_num_threads()}, torch {torch.__version__}")
     points: list[Point] = []
-    for model_name, batch, steps in plan:
+    for model_name, batch, steps, device in plan:
         plain = None
         for mode in ("stage2", "stage2-gradcache", "stage1"):
-            point = time_steps(model_name, mode, batch, steps, args.text_length)
+            point = time_steps(model_name, mode, batch, steps, args.text_length, device)
             if mode == "stage2":
                 plain = point
             point.ratio_to_plain = point.pairs_per_s / plain.pairs_per_s
@@ -136,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(json.dumps({"cpu": cpu.as_dict(), "torch_threads": torch.get_num_threads(),
                                         "torch": torch.__version__, "quick": args.quick,
                                         "text_length": args.text_length,
-                                        "points": [asdict(p) for p in points],
+                                        "points": [asdict(p) for p in points], "gpu_skipped": gpu_skipped,
                                         "image_pipeline_images_per_s": images_per_s}, indent=2))
     return 0
 
