@@ -88,20 +88,21 @@ def table(points: list[Point]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["tiny", "ViT-B-16"])
-    ap.add_argument("--images", type=int, nargs="+", default=None, help="images per model (default 256 tiny, 32 ViT)")
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--images", type=int, nargs="+", default=None,
+                    help="images per model (default 2000 tiny, 96 ViT-B-16)")
+    ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=4, help="images per encode batch and per segment")
     ap.add_argument("--crops", type=int, default=4, help="LACLIP crops per image (0: plain CLIP)")
     ap.add_argument("--quick", action="store_true", help="few images, one round (a smoke run)")
     ap.add_argument("--out", type=Path, default=None, help="write the points and the table as JSON here")
     args = ap.parse_args(argv)
-    sizes = args.images or ([16, 8] if args.quick else [256, 32])
+    sizes = args.images or ([16, 8] if args.quick else [2000, 96])
     rounds = 1 if args.quick else args.rounds
     cores = os.cpu_count() or 1
 
     import ray
 
-    ray.init(num_cpus=cores, object_store_memory=256 * 1024 ** 2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=cores, object_store_memory=1024 ** 3, include_dashboard=False, log_to_driver=False)
     modes = {"single process": None,
              "ray, 1 worker": RayOptions(workers=1, cpus_per_worker=1, cpus_per_task=max(cores - 1, 1) / 2,
                                          threads_per_worker=cores),

@@ -8,9 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence, Union
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torchvision.transforms import Compose, InterpolationMode, Normalize, Resize, ToTensor
+from torchvision.transforms import InterpolationMode, Resize
 
 from .errors import ImageDecodeError, InputError
 
@@ -95,24 +96,38 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 class ImageTransform:
-    """cn_clip's `image_transform`: bicubic resize to a square (aspect not kept), then RGB, then CLIP mean/std."""
+    """cn_clip's `image_transform`: bicubic resize to a square (aspect not kept), then RGB, then CLIP mean/std.
+
+    Split in two exact steps, `resized` (uint8, a quarter of the bytes: what a distributed job ships between its
+    prepare and encode stages) and `normalise`, whose composition equals torchvision's ToTensor + Normalize
+    bit for bit (the same float32 operations in the same order)."""
 
     def __init__(self, resolution: int) -> None:
         self.resolution = resolution
-        self._transform = Compose([
-            Resize((resolution, resolution), interpolation=InterpolationMode.BICUBIC),
-            _to_rgb,
-            ToTensor(),
-            Normalize(CLIP_MEAN, CLIP_STD),
-        ])
+        self._resize = Resize((resolution, resolution), interpolation=InterpolationMode.BICUBIC)
+        self._mean = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(3, 1, 1)
+        self._std = torch.tensor(CLIP_STD, dtype=torch.float32).view(3, 1, 1)
+
+    def resized(self, image: Image.Image) -> torch.Tensor:
+        """[3, R, R] uint8: the resized RGB image, before normalisation."""
+        rgb = _to_rgb(self._resize(image))
+        return torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[..., 3, R, R] uint8 -> float32 CLIP-normalised pixels."""
+        return pixels.to(torch.float32).div(255).sub_(self._mean).div_(self._std)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         """[3, R, R] float32 pixels for a decoded image."""
-        return self._transform(image)
+        return self.normalise(self.resized(image))
+
+    def resized_crops(self, image: Image.Image, boxes: Sequence[tuple[int, int, int, int]]) -> torch.Tensor:
+        """[K, 3, R, R] uint8: each (left, top, right, bottom) crop resized exactly as the whole image is."""
+        return torch.stack([self.resized(image.crop(box)) for box in boxes])
 
     def crops(self, image: Image.Image, boxes: Sequence[tuple[int, int, int, int]]) -> torch.Tensor:
-        """[K, 3, R, R]: each (left, top, right, bottom) crop put through exactly the global transform."""
-        return torch.stack([self._transform(image.crop(box)) for box in boxes])
+        """[K, 3, R, R]: each crop put through exactly the global transform."""
+        return self.normalise(self.resized_crops(image, boxes))
 
 
 TEXT_PIPELINE = "cn_clip-eval-text-v1"  # version of normalize_text + the wordpiece tokenisation; indexes record it

@@ -172,12 +172,16 @@ class Retriever:
         return np.concatenate(out) if out else np.zeros((0, self.encoder.embed_dim), np.float32)
 
     def pixels(self, image: ImageInput) -> torch.Tensor:
-        """[1 + K, 3, R, R]: the global view, then the LACLIP crops (none without LACLIP)."""
+        """[1 + K, 3, R, R] float32: the global view, then the LACLIP crops (none without LACLIP)."""
+        return self.transform.normalise(self.resized_views(image))
+
+    def resized_views(self, image: ImageInput) -> torch.Tensor:
+        """[1 + K, 3, R, R] uint8: the views of `pixels` before normalisation (`self.transform.normalise`)."""
         decoded = load_image(image, self.max_pixels)
-        views = [self.transform(decoded).unsqueeze(0)]
+        views = [self.transform.resized(decoded).unsqueeze(0)]
         if self.laclip is not None:
             boxes = crop_boxes(decoded.width, decoded.height, self.laclip.crops, content_seed(decoded))
-            views.append(self.transform.crops(decoded, boxes))
+            views.append(self.transform.resized_crops(decoded, boxes))
         return torch.cat(views)
 
     def encode_image_views(self, images: Sequence[ImageInput],
