@@ -49,7 +49,8 @@ def cuda_available() -> bool:
 
 
 def cpu_isa() -> str:
-    """The CPU code path the extension runs: 'avx512_bf16', 'avx512' or 'generic' (detected at run time)."""
+    """The CPU code path the extension runs: 'amx_bf16', 'avx512_bf16', 'avx512', 'avx2' or 'generic' (detected at
+    run time)."""
     return str(_require().cpu_isa())
 
 

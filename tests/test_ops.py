@@ -3,8 +3,8 @@
 fp32 inputs: allclose to laclip_scores_reference (atol 1e-5). fp16 and bf16 inputs (flash-attention rule): the truth
 is the LACLIP formula in float64 on the same rounded values; the kernel's max error against it must be at most twice
 PyTorch's own error (the formula evaluated in fp16 / bf16 arithmetic) plus a small epsilon.
-Every CPU code path this CPU can run (generic, avx512, avx512_bf16) is compared with the reference; the operators
-pass torch.library.opcheck and run inside torch.compile(fullgraph=True).
+Every CPU code path this CPU can run (generic, avx2, avx512, avx512_bf16, amx_bf16) is compared with the
+reference; the operators pass torch.library.opcheck and run inside torch.compile(fullgraph=True).
 CUDA cases (marked `cuda`) mirror the CPU ones and are skipped without a GPU.
 """
 from __future__ import annotations
@@ -183,11 +183,14 @@ def test_non_contiguous_inputs(weights: str, device: str) -> None:
     check_topk(values, indices, t, g, c, 10, 0.5, 0.1, weights)
 
 
+@pytest.mark.parametrize("dim", [67, 96], ids=["D67", "D96"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("weights", ["image", "text"])
-def test_every_cpu_path_matches(weights: str, dtype: torch.dtype) -> None:
-    """Each code path this CPU can run (portable loops, AVX-512, AVX-512 BF16) against the reference."""
-    t, g, c = make_inputs(13, 200, 4, 67, dtype=dtype, seed=9)
+def test_every_cpu_path_matches(weights: str, dtype: torch.dtype, dim: int) -> None:
+    """Each code path this CPU can run (portable loops, AVX2, AVX-512, AVX-512 BF16, AMX) against the reference.
+    D = 96 is what AMX tiles take (a multiple of 32: three tile rows), with partial 16-row and 16-query blocks
+    (13 queries, 200 images x 4 crops); D = 67 sends AMX's bf16 dots to the AVX-512 BF16 ones."""
+    t, g, c = make_inputs(13, 200, 4, dim, dtype=dtype, seed=9)
     auto = ops.laclip_scores(t, g, c, alpha=0.5, tau=0.05, weights=weights)
     for path in ops.cpu_isas():
         ops.set_max_isa(path)
@@ -319,7 +322,7 @@ def test_missing_extension_raises_import_error(monkeypatch: pytest.MonkeyPatch) 
 def test_availability_flags() -> None:
     assert ops.extension_available()
     assert ops.cuda_available() == (bool(ops._ext.built_with_cuda()) and torch.cuda.is_available())
-    assert ops.cpu_isa() in ("avx512_bf16", "avx512", "avx2", "generic")
+    assert ops.cpu_isa() in ("amx_bf16", "avx512_bf16", "avx512", "avx2", "generic")
     assert ops.cpu_isas()[0] == "generic" and ops.cpu_isa() in ops.cpu_isas()
 
 
