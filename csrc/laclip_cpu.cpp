@@ -650,6 +650,16 @@ LACLIP_AMX void pack_bf16_amx(const c10::BFloat16* T, idx_t ldt, idx_t nq, idx_t
     }
 }
 
+// One 128-bit-lane step of the 16 x 16 transpose: y[a + i] = lanes 0, 2 of x[a + i] then of x[b + i];
+// y[b + i] = lanes 1, 3 (i < 4).
+LACLIP_AMX_INLINE void lane_pairs(const __m512* x, __m512* y, int a, int b) {
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    y[a + i] = _mm512_shuffle_f32x4(x[a + i], x[b + i], 0x88);
+    y[b + i] = _mm512_shuffle_f32x4(x[a + i], x[b + i], 0xdd);
+  }
+}
+
 // A 16 x 16 fp32 tile a (row i = one R row, column j = one query) written transposed: out[j * ldo + i] for
 // i < rows, j < cols (unpack, in-lane shuffles, then 128-bit lane shuffles).
 LACLIP_AMX_INLINE void store_transposed(const float* a, idx_t rows, idx_t cols, float* out, idx_t ldo) {
@@ -668,20 +678,10 @@ LACLIP_AMX_INLINE void store_transposed(const float* a, idx_t rows, idx_t cols, 
     r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
     r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
   }
-#pragma GCC unroll 4
-  for (int i = 0; i < 4; ++i) {
-    t[i] = _mm512_shuffle_f32x4(r[i], r[4 + i], 0x88);
-    t[i + 4] = _mm512_shuffle_f32x4(r[i], r[4 + i], 0xdd);
-    t[i + 8] = _mm512_shuffle_f32x4(r[8 + i], r[12 + i], 0x88);
-    t[i + 12] = _mm512_shuffle_f32x4(r[8 + i], r[12 + i], 0xdd);
-  }
-#pragma GCC unroll 4
-  for (int i = 0; i < 4; ++i) {
-    r[i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0x88);
-    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0xdd);
-    r[i + 4] = _mm512_shuffle_f32x4(t[4 + i], t[12 + i], 0x88);
-    r[i + 12] = _mm512_shuffle_f32x4(t[4 + i], t[12 + i], 0xdd);
-  }
+  lane_pairs(r, t, 0, 4);
+  lane_pairs(r, t, 8, 12);
+  lane_pairs(t, r, 0, 8);
+  lane_pairs(t, r, 4, 12);
   const __mmask16 mk = tail_mask(rows);
   for (idx_t j = 0; j < cols; ++j) _mm512_mask_storeu_ps(out + j * ldo, mk, r[j]);
 }
