@@ -158,8 +158,11 @@ def collect(out: Path) -> dict[str, Any]:
         source = run.get("json_path") or (str(partial) if partial else None)
         if source:
             data = {} if source.endswith(".jsonl") else json.loads(Path(source).read_text())
-            if "points" in data:
+            if "points" in data and all("clients" in point for point in data["points"]):
                 table = serve_table(data)
+                entry["settings"] = data.get("args", {})
+            elif "points" in data:  # a script's own measured points (fine-tuning, distributed indexing)
+                table = rows_table(data["points"])
                 entry["settings"] = data.get("args", {})
             elif "rows" in data:
                 table = rows_table(data["rows"])

@@ -3,7 +3,8 @@
 Naming convention (the one the bench files use): a case names its implementation in the `impl` parameter, and
 the reference is `impl="reference"` or `impl="torch-fp32"` (or extra_info reference=True); batch size is the
 `batch` parameter, gallery size `n`, precision `dtype`. A script-style subject's JSON gives either
-pytest-benchmark's "benchmarks", the serving benchmark's "points", or plain "rows" (a list of flat dicts).
+pytest-benchmark's "benchmarks", "points" (the serving benchmark's, with "clients"; or a script's own
+measured points, shown as rows), or plain "rows" (a list of flat dicts).
 """
 from __future__ import annotations
 

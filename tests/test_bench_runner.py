@@ -181,3 +181,20 @@ def test_subject_past_its_limit_is_reported_with_the_cases_it_finished(tmp_path)
     hangs = json.loads((out / "results.json").read_text())["subjects"]["hangs"]
     assert [r["case"] for r in hangs["rows"]] == ["test_fast"]
     assert "**timeout**" in (out / "report.md").read_text()
+
+
+def test_script_points_without_clients_render_as_rows(tmp_path):
+    """Fine-tuning and distributed benchmarks write their own "points"; only the serving ones carry clients."""
+    _write_run(tmp_path, [], 100.0)
+    points = [{"model": "tiny", "mode": "stage2", "pairs_per_s": 900.0, "ratio_to_plain": 1.0},
+              {"model": "tiny", "mode": "stage1", "pairs_per_s": 1800.0, "ratio_to_plain": 2.0}]
+    (tmp_path / "raw" / "finetune.json").write_text(json.dumps({"points": points, "gpu_skipped": "no GPU"}))
+    runs = json.loads((tmp_path / "runs.json").read_text())
+    runs["subjects"].append({"name": "finetune", "file": "benchmarks/bench_finetune.py", "kind": "script",
+                             "status": "ok", "seconds": 3.0, "returncode": 0, "command": [], "selection": None,
+                             "json_path": str(tmp_path / "raw" / "finetune.json"), "junit_path": None,
+                             "log_path": None, "reason": ""})
+    (tmp_path / "runs.json").write_text(json.dumps(runs))
+    build_report(tmp_path)
+    rows = json.loads((tmp_path / "results.json").read_text())["subjects"]["finetune"]["rows"]
+    assert [(r["mode"], r["pairs_per_s"]) for r in rows] == [("stage2", 900.0), ("stage1", 1800.0)]
