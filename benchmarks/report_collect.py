@@ -164,9 +164,11 @@ def collect(out: Path) -> dict[str, Any]:
             elif "points" in data:  # a script's own measured points (fine-tuning, distributed indexing)
                 table = rows_table(data["points"])
                 entry["settings"] = data.get("args", {})
-            elif "rows" in data:
+            elif isinstance(data.get("rows"), list):
                 table = rows_table(data["rows"])
                 entry["settings"] = data.get("settings", data.get("args", {}))
+            elif data and "benchmarks" not in data:  # one summary (the soak): its scalar figures as one row
+                table = rows_table([{k: v for k, v in data.items() if isinstance(v, (int, float, str, bool))}])
             else:
                 benches = load_benchmarks(Path(source))
                 if run["name"] == "machine":

@@ -4,7 +4,8 @@ Naming convention (the one the bench files use): a case names its implementation
 the reference is `impl="reference"` or `impl="torch-fp32"` (or extra_info reference=True); batch size is the
 `batch` parameter, gallery size `n`, precision `dtype`. A script-style subject's JSON gives either
 pytest-benchmark's "benchmarks", "points" (the serving benchmark's, with "clients"; or a script's own
-measured points, shown as rows), or plain "rows" (a list of flat dicts).
+measured points, shown as rows), plain "rows" (a list of flat dicts), or one summary object (the soak's: its
+scalar figures become one row).
 """
 from __future__ import annotations
 

@@ -198,3 +198,19 @@ def test_script_points_without_clients_render_as_rows(tmp_path):
     build_report(tmp_path)
     rows = json.loads((tmp_path / "results.json").read_text())["subjects"]["finetune"]["rows"]
     assert [(r["mode"], r["pairs_per_s"]) for r in rows] == [("stage2", 900.0), ("stage1", 1800.0)]
+
+
+def test_summary_object_renders_as_one_row(tmp_path):
+    """The soak writes one summary object (its "rows" is the index size, not a list): scalars become one row."""
+    _write_run(tmp_path, [], 100.0)
+    summary = {"rows": 2000, "requests": 40, "lost_writes": 0, "latency": {"search": {"p50_ms": 3.0}}}
+    (tmp_path / "raw" / "soak.json").write_text(json.dumps(summary))
+    runs = json.loads((tmp_path / "runs.json").read_text())
+    runs["subjects"].append({"name": "soak", "file": "benchmarks/bench_soak.py", "kind": "script",
+                             "status": "ok", "seconds": 3.0, "returncode": 0, "command": [], "selection": None,
+                             "json_path": str(tmp_path / "raw" / "soak.json"), "junit_path": None,
+                             "log_path": None, "reason": ""})
+    (tmp_path / "runs.json").write_text(json.dumps(runs))
+    build_report(tmp_path)
+    rows = json.loads((tmp_path / "results.json").read_text())["subjects"]["soak"]["rows"]
+    assert rows == [{"rows": 2000, "requests": 40, "lost_writes": 0}]
