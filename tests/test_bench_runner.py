@@ -183,20 +183,26 @@ def test_subject_past_its_limit_is_reported_with_the_cases_it_finished(tmp_path)
     assert "**timeout**" in (out / "report.md").read_text()
 
 
+
+def _add_script_subject(out: Path, name: str, data: dict) -> list[dict]:
+    """Append a finished script-style subject whose JSON is `data` to the run in `out`; its report rows."""
+    (out / "raw" / f"{name}.json").write_text(json.dumps(data))
+    runs = json.loads((out / "runs.json").read_text())
+    runs["subjects"].append({"name": name, "file": f"benchmarks/bench_{name}.py", "kind": "script",
+                             "status": "ok", "seconds": 3.0, "returncode": 0, "command": [], "selection": None,
+                             "json_path": str(out / "raw" / f"{name}.json"), "junit_path": None,
+                             "log_path": None, "reason": ""})
+    (out / "runs.json").write_text(json.dumps(runs))
+    build_report(out)
+    return json.loads((out / "results.json").read_text())["subjects"][name]["rows"]
+
+
 def test_script_points_without_clients_render_as_rows(tmp_path):
     """Fine-tuning and distributed benchmarks write their own "points"; only the serving ones carry clients."""
     _write_run(tmp_path, [], 100.0)
     points = [{"model": "tiny", "mode": "stage2", "pairs_per_s": 900.0, "ratio_to_plain": 1.0},
               {"model": "tiny", "mode": "stage1", "pairs_per_s": 1800.0, "ratio_to_plain": 2.0}]
-    (tmp_path / "raw" / "finetune.json").write_text(json.dumps({"points": points, "gpu_skipped": "no GPU"}))
-    runs = json.loads((tmp_path / "runs.json").read_text())
-    runs["subjects"].append({"name": "finetune", "file": "benchmarks/bench_finetune.py", "kind": "script",
-                             "status": "ok", "seconds": 3.0, "returncode": 0, "command": [], "selection": None,
-                             "json_path": str(tmp_path / "raw" / "finetune.json"), "junit_path": None,
-                             "log_path": None, "reason": ""})
-    (tmp_path / "runs.json").write_text(json.dumps(runs))
-    build_report(tmp_path)
-    rows = json.loads((tmp_path / "results.json").read_text())["subjects"]["finetune"]["rows"]
+    rows = _add_script_subject(tmp_path, "finetune", {"points": points, "gpu_skipped": "no GPU"})
     assert [(r["mode"], r["pairs_per_s"]) for r in rows] == [("stage2", 900.0), ("stage1", 1800.0)]
 
 
@@ -204,13 +210,4 @@ def test_summary_object_renders_as_one_row(tmp_path):
     """The soak writes one summary object (its "rows" is the index size, not a list): scalars become one row."""
     _write_run(tmp_path, [], 100.0)
     summary = {"rows": 2000, "requests": 40, "lost_writes": 0, "latency": {"search": {"p50_ms": 3.0}}}
-    (tmp_path / "raw" / "soak.json").write_text(json.dumps(summary))
-    runs = json.loads((tmp_path / "runs.json").read_text())
-    runs["subjects"].append({"name": "soak", "file": "benchmarks/bench_soak.py", "kind": "script",
-                             "status": "ok", "seconds": 3.0, "returncode": 0, "command": [], "selection": None,
-                             "json_path": str(tmp_path / "raw" / "soak.json"), "junit_path": None,
-                             "log_path": None, "reason": ""})
-    (tmp_path / "runs.json").write_text(json.dumps(runs))
-    build_report(tmp_path)
-    rows = json.loads((tmp_path / "results.json").read_text())["subjects"]["soak"]["rows"]
-    assert rows == [{"rows": 2000, "requests": 40, "lost_writes": 0}]
+    assert _add_script_subject(tmp_path, "soak", summary) == [{"rows": 2000, "requests": 40, "lost_writes": 0}]
