@@ -8,7 +8,6 @@ import json
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 
 from benchmarks.report_tables import (LIMITS_GROUP, Bench, Table, bench_table, constant_settings, machine_table,
                                       rows_table, serve_table)
-from benchmarks.runner import REPO, RUNS_FILE
+from benchmarks.runner import REPO, RUNS_FILE, git_commit
 from engine.backends.cpu_features import cpu_info
 from engine.backends.versions import RUNTIME_PACKAGES, package_versions
 
@@ -90,15 +89,9 @@ def backends() -> list[dict[str, Any]]:
             row("LACLIP kernel CUDA", ext_cuda, "no GPU" if not cuda else "extension built without CUDA")]
 
 
-def versions() -> dict[str, str | None]:
-    """Installed versions of the packages the figures depend on (None: not installed)."""
-    found = package_versions(PACKAGES)
-    try:
-        found["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                             text=True, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        found["git_commit"] = None
-    return found
+def versions(commit: str | None) -> dict[str, str | None]:
+    """Installed versions of the packages the figures depend on (None: not installed), and the commit run."""
+    return {**package_versions(PACKAGES), "git_commit": commit}
 
 
 # ---------------------------------------------------------------- raw results
@@ -158,11 +151,9 @@ def collect(out: Path) -> dict[str, Any]:
         source = run.get("json_path") or (str(partial) if partial else None)
         if source:
             data = {} if source.endswith(".jsonl") else json.loads(Path(source).read_text())
-            if "points" in data and all("clients" in point for point in data["points"]):
-                table = serve_table(data)
-                entry["settings"] = data.get("args", {})
-            elif "points" in data:  # a script's own measured points (fine-tuning, distributed indexing)
-                table = rows_table(data["points"])
+            if "points" in data:  # the serving benchmark's (with clients), or a script's own measured points
+                serving = all("clients" in point for point in data["points"])
+                table = serve_table(data) if serving else rows_table(data["points"])
                 entry["settings"] = data.get("args", {})
             elif isinstance(data.get("rows"), list):
                 table = rows_table(data["rows"])
@@ -191,7 +182,7 @@ def collect(out: Path) -> dict[str, Any]:
     finished = runs.get("finished") or dt.datetime.fromtimestamp(runs_path.stat().st_mtime, dt.timezone.utc).isoformat(
         timespec="seconds")
     return {"schema": SCHEMA, "created": finished, "started": runs.get("started"),
-            "mode": "quick" if runs.get("quick") else "full", "machine": machine, "versions": versions(),
+            "mode": "quick" if runs.get("quick") else "full", "machine": machine, "versions": versions(runs.get("git_commit") or git_commit()),
             "backends": backends(),
             "limits": limits, "subjects": subjects}
 

@@ -180,10 +180,20 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def git_commit() -> str | None:
+    """The checkout's short commit (None outside a git checkout)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def run_suite(cfg: RunConfig, log=print) -> list[SubjectRun]:
-    """Run the chosen subjects in order within the suite's budget and record them in DIR/runs.json."""
+    """Run the chosen subjects in order within the suite's budget and record them in DIR/runs.json (with the
+    commit they ran at, so a report rendered later still names it)."""
     cfg.out.mkdir(parents=True, exist_ok=True)
-    started, load = _now(), [round(x, 2) for x in os.getloadavg()]
+    started, load, commit = _now(), [round(x, 2) for x in os.getloadavg()], git_commit()
     deadline = time.monotonic() + cfg.budget_s
     runs = []
     for name in cfg.only:
@@ -198,6 +208,6 @@ def run_suite(cfg: RunConfig, log=print) -> list[SubjectRun]:
         log(f"[benchmarks] {name}: {run.status} in {run.seconds:.0f} s{' (' + run.reason + ')' if run.reason else ''}")
         runs.append(run)
     (cfg.out / RUNS_FILE).write_text(json.dumps({"quick": cfg.quick, "started": started, "finished": _now(),
-                                                 "load_average_at_start": load,
+                                                 "load_average_at_start": load, "git_commit": commit,
                                                  "subjects": [asdict(r) for r in runs]}, indent=1))
     return runs

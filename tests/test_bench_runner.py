@@ -183,7 +183,6 @@ def test_subject_past_its_limit_is_reported_with_the_cases_it_finished(tmp_path)
     assert "**timeout**" in (out / "report.md").read_text()
 
 
-
 def _add_script_subject(out: Path, name: str, data: dict) -> list[dict]:
     """Append a finished script-style subject whose JSON is `data` to the run in `out`; its report rows."""
     (out / "raw" / f"{name}.json").write_text(json.dumps(data))
@@ -211,3 +210,13 @@ def test_summary_object_renders_as_one_row(tmp_path):
     _write_run(tmp_path, [], 100.0)
     summary = {"rows": 2000, "requests": 40, "lost_writes": 0, "latency": {"search": {"p50_ms": 3.0}}}
     assert _add_script_subject(tmp_path, "soak", summary) == [{"rows": 2000, "requests": 40, "lost_writes": 0}]
+
+
+def test_report_names_the_commit_the_run_recorded(tmp_path):
+    """A report rendered after later commits still names the commit the suite ran at."""
+    _write_run(tmp_path, [], 100.0)
+    runs = json.loads((tmp_path / "runs.json").read_text())
+    (tmp_path / "runs.json").write_text(json.dumps({**runs, "git_commit": "abc1234"}))
+    build_report(tmp_path)
+    assert json.loads((tmp_path / "results.json").read_text())["versions"]["git_commit"] == "abc1234"
+    assert ", commit abc1234." in (tmp_path / "report.md").read_text()
