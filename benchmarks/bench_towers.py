@@ -5,7 +5,8 @@ Run:  python -m pytest benchmarks/bench_towers.py --benchmark-only -q
 Model: ViT-B-16 structure with deterministic random weights, exported once with `export.export_model(...,
 precision="auto")` (every candidate parity-gated and timed, the choice recorded) into $BENCH_TOWERS_DIR (default
 /tmp/cnclip-bench-towers; reused while the checkpoint and the export code are unchanged).
-Cases: vision at batch 1, 8, 32; text at lengths 8 and 52 (all tokens real) at batch 1, 8, 32. Threads:
+torch-int8-text is the text tower with int8 weights in the extension's native encoder (engine.int8_text), timed on
+text cases only. Cases: vision at batch 1, 8, 32; text at lengths 8 and 52 (all tokens real) at batch 1, 8, 32. Threads:
 torch.set_num_threads(THREADS) and ONNX Runtime intra-op THREADS, inter-op 1. torch-bf16 (autocast over
 engine.towers) and torch-bf16-compiled (bf16 weights, the vision tower compiled by TorchInductor per batch bucket;
 its compile happens in the warm-up round) run only where the CPU has bf16 units (AMX or AVX512-BF16), else they
@@ -29,6 +30,7 @@ from benchmarks.towers_peer import PeerEncoder, export_peer
 from engine.backends import TorchEncoder
 from engine.backends.cpu_features import cpu_info
 from engine.backends.export_reader import load_manifest, open_encoder
+from engine.ops import extension_available
 from engine.models import build_random_model, file_sha256, get_spec, load_model, save_checkpoint
 
 MODEL = model_name()  # ViT-B-16; "tiny" under BENCH_QUICK=1 (python -m benchmarks --quick) or $BENCH_MODEL
@@ -38,7 +40,8 @@ BATCHES = choose([1, 8, 32], [1, 8])
 TEXT_LENGTHS = [8, 52]
 EXPORTED = ("fp32", "int8", "int8-static")
 PEER = "cn_clip-onnx"
-IMPLS = ["torch-fp32", "torch-bf16", "torch-bf16-compiled", *(f"onnx-{p}" for p in EXPORTED), PEER]
+TEXT_ONLY = "torch-int8-text"  # its image tower is the fp32 reference: timed on text cases only
+IMPLS = ["torch-fp32", "torch-bf16", "torch-bf16-compiled", TEXT_ONLY, *(f"onnx-{p}" for p in EXPORTED), PEER]
 TARGETS = {("vision", 8): 5.0, ("text L=8", 1): 10.0, ("text L=8", 8): 10.0}  # issue 17: x the reference
 _BASE_DIR = Path(os.environ.get("BENCH_TOWERS_DIR", "/tmp/cnclip-bench-towers"))
 WORK_DIR = _BASE_DIR if MODEL == "ViT-B-16" else _BASE_DIR / MODEL
@@ -88,6 +91,10 @@ def encoders(checkpoint: Path) -> dict[str, object]:
             out[impl] = TorchEncoder(loaded.model, loaded.spec.input_resolution, precision=impl[len("torch-"):])
         else:
             UNAVAILABLE[impl] = f"this CPU ({cpu_info().model}) has no bf16 units (AMX or AVX512-BF16)"
+    if extension_available():
+        out[TEXT_ONLY] = TorchEncoder(loaded.model, loaded.spec.input_resolution, precision="int8-text")
+    else:
+        UNAVAILABLE[TEXT_ONLY] = "engine._laclip_ext is not built"
     for precision in EXPORTED:
         candidate = SELECTION["candidates"][precision]
         if not candidate["passed"]:  # the export's parity gate dropped it: say so with its figures
@@ -100,7 +107,7 @@ def encoders(checkpoint: Path) -> dict[str, object]:
                           {"generated": generated_token_ids(52)})
     ref = reference(loaded.model, inputs)
     thresholds = {"torch-bf16": THRESHOLDS["bf16"], "torch-bf16-compiled": THRESHOLDS["bf16"],
-                  PEER: THRESHOLDS["fp32"],
+                  PEER: THRESHOLDS["fp32"], TEXT_ONLY: THRESHOLDS["int8"],
                   **{f"onnx-{p}": THRESHOLDS[p] for p in EXPORTED}}
     for impl, threshold in thresholds.items():
         if impl in out:
@@ -132,6 +139,8 @@ def _ids(batch: int, length: int) -> torch.Tensor:
 def _run(benchmark, encoders, case: str, batch: int, impl: str, call) -> None:
     if impl not in encoders:
         pytest.skip(f"{impl}: {UNAVAILABLE[impl]}")
+    if impl == TEXT_ONLY and case == "vision":
+        pytest.skip(f"{impl}: a text-tower precision (its image tower is the fp32 reference)")
     benchmark.group = f"{case} batch {batch}"
     rounds = 3 if batch == 32 or case == "vision" else 5
     benchmark.pedantic(call, args=(encoders[impl],), rounds=rounds, warmup_rounds=1, iterations=1)
