@@ -30,8 +30,8 @@ from benchmarks.towers_peer import PeerEncoder, export_peer
 from engine.backends import TorchEncoder
 from engine.backends.cpu_features import cpu_info
 from engine.backends.export_reader import load_manifest, open_encoder
-from engine.ops import extension_available
 from engine.models import build_random_model, file_sha256, get_spec, load_model, save_checkpoint
+from engine.ops import extension_available
 
 MODEL = model_name()  # ViT-B-16; "tiny" under BENCH_QUICK=1 (python -m benchmarks --quick) or $BENCH_MODEL
 VIT_B16_GFLOPS = 35.0  # per 224 x 224 image (forward, multiply-add = 2 flops)

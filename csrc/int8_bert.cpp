@@ -80,15 +80,22 @@ void attention_loops(const float* qkv, const int64_t* ids, int64_t batch, int64_
   });
 }
 
-at::Tensor attention(const at::Tensor& qkv, const at::Tensor& ids, int64_t heads, int64_t pad_id) {
+// The additive key mask ATen's attention takes, [B, 1, 1, L], for sequences longer than the loops take; undefined
+// (run the loops, which read the ids) otherwise.
+at::Tensor attention_mask(const at::Tensor& ids, int64_t pad_id) {
+  if (ids.size(1) <= kLoopAttentionMaxLength) return at::Tensor();
+  return ids.eq(pad_id).to(at::kFloat).mul_(kMaskedScore).view({ids.size(0), 1, 1, ids.size(1)});
+}
+
+at::Tensor attention(const at::Tensor& qkv, const at::Tensor& ids, const at::Tensor& mask, int64_t heads,
+                     int64_t pad_id) {
   const int64_t batch = ids.size(0), len = ids.size(1), hidden = qkv.size(1) / 3;
-  if (len <= kLoopAttentionMaxLength) {
+  if (!mask.defined()) {
     at::Tensor ctx = at::empty({batch * len, hidden}, at::kFloat);
     attention_loops(qkv.data_ptr<float>(), ids.data_ptr<int64_t>(), batch, len, hidden, heads, pad_id,
                     ctx.data_ptr<float>());
     return ctx;
   }
-  const at::Tensor mask = ids.eq(pad_id).to(at::kFloat).mul_(kMaskedScore).view({batch, 1, 1, len});
   const at::Tensor split = qkv.view({batch, len, 3, heads, hidden / heads}).permute({2, 0, 3, 1, 4});
   const at::Tensor out = at::scaled_dot_product_attention(split[0], split[1], split[2], mask);
   return out.transpose(1, 2).reshape({batch * len, hidden}).contiguous();
@@ -114,13 +121,16 @@ at::Tensor bert_int8_first_token(const at::Tensor& ids, const BertWeights& w, in
   const int64_t* id = ids.data_ptr<int64_t>();
   at::Tensor embedded = at::empty({rows, hidden}, at::kFloat);
   float* e = embedded.data_ptr<float>();
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t j = 0; j < hidden; ++j) e[r * hidden + j] = w.word[id[r] * hidden + j] + w.position[(r % len) * hidden + j];
+  for (int64_t r = 0; r < rows; ++r) {
+    const float *word = w.word + id[r] * hidden, *position = w.position + (r % len) * hidden;
+    for (int64_t j = 0; j < hidden; ++j) e[r * hidden + j] = word[j] + position[j];
+  }
   at::Tensor x = norm(embedded, at::Tensor(), w.ln_w, w.ln_b, w.eps);
   const at::Tensor first = at::arange(0, rows, len, at::kLong);  // each sequence's first row
+  const at::Tensor mask = attention_mask(ids, pad_id);
   for (size_t i = 0; i < w.layers.size(); ++i) {
     const BertLayerWeights& layer = w.layers[i];
-    at::Tensor ctx = attention(linear(x, layer.qkv), ids, w.heads, pad_id);
+    at::Tensor ctx = attention(linear(x, layer.qkv), ids, mask, w.heads, pad_id);
     if (i + 1 == w.layers.size()) {
       ctx = ctx.index_select(0, first);
       x = x.index_select(0, first);

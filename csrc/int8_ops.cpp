@@ -93,10 +93,8 @@ BertWeights bert_weights(at::TensorList w, int64_t heads, double eps) {
     layer.out = layer_at(w, at + 4, hidden, hidden, name + " attention output");
     layer.ln1_w = vector_of(w[at + 8], name + " attention LayerNorm weight", hidden);
     layer.ln1_b = vector_of(w[at + 9], name + " attention LayerNorm bias", hidden);
-    const int64_t ffn = check_packed_linear(w[at + 10], w[at + 11], w[at + 12], w[at + 13], hidden,
-                                            name + " intermediate").n;
-    layer.ffn1 = layer_at(w, at + 10, hidden, ffn, name + " intermediate");
-    layer.ffn2 = layer_at(w, at + 14, ffn, hidden, name + " output");
+    layer.ffn1 = check_packed_linear(w[at + 10], w[at + 11], w[at + 12], w[at + 13], hidden, name + " intermediate");
+    layer.ffn2 = layer_at(w, at + 14, layer.ffn1.n, hidden, name + " output");
     layer.ln2_w = vector_of(w[at + 18], name + " output LayerNorm weight", hidden);
     layer.ln2_b = vector_of(w[at + 19], name + " output LayerNorm bias", hidden);
     out.layers.push_back(layer);

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .errors import InputError
-from .ops import _require, extension_available
+from .ops import _call, _require, extension_available
 
 __all__ = ["Int8TextTower", "int8_isa", "int8_linear", "pack_bert", "pack_linear"]
 
@@ -27,23 +27,20 @@ def int8_isa() -> str:
     return str(_require().int8_isa())
 
 
+def _floats(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().float().contiguous()
+
+
 def pack_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> list[torch.Tensor]:
     """A Linear layer's [N, K] weight and [N] bias as the native layout: [packed, scale, colsum, bias]."""
     _require()
-    try:
-        packed, scale, colsum = torch.ops.cnclip.int8_pack_linear(weight.detach().float().contiguous())
-    except ValueError as exc:
-        raise InputError(str(exc)) from exc
-    out_bias = torch.zeros(weight.shape[0]) if bias is None else bias.detach().float().contiguous()
-    return [packed, scale, colsum, out_bias]
+    packed, scale, colsum = _call(torch.ops.cnclip.int8_pack_linear, _floats(weight))
+    return [packed, scale, colsum, torch.zeros(weight.shape[0]) if bias is None else _floats(bias)]
 
 
 def int8_linear(x: torch.Tensor, layer: list[torch.Tensor]) -> torch.Tensor:
     """x [M, K] float32 through a `pack_linear` layer -> [M, N] float32."""
-    try:
-        return torch.ops.cnclip.int8_linear(x, *layer)
-    except ValueError as exc:
-        raise InputError(str(exc)) from exc
+    return _call(torch.ops.cnclip.int8_linear, x, *layer)
 
 
 def pack_bert(bert: nn.Module) -> list[torch.Tensor]:
@@ -51,22 +48,18 @@ def pack_bert(bert: nn.Module) -> list[torch.Tensor]:
     the positions: cn_clip's text tower has one segment), the embedding LayerNorm, then per layer 20 tensors
     (query/key/value as one packed layer, attention output, its LayerNorm, intermediate, output, its LayerNorm)."""
     emb = bert.embeddings
-
-    def floats(t: torch.Tensor) -> torch.Tensor:
-        return t.detach().float().contiguous()
-
-    out = [floats(emb.word_embeddings.weight),
-           floats(emb.position_embeddings.weight + emb.token_type_embeddings.weight[0]),
-           floats(emb.LayerNorm.weight), floats(emb.LayerNorm.bias)]
+    out = [_floats(emb.word_embeddings.weight),
+           _floats(emb.position_embeddings.weight + emb.token_type_embeddings.weight[0]),
+           _floats(emb.LayerNorm.weight), _floats(emb.LayerNorm.bias)]
     for layer in bert.encoder.layer:
         sa, attn_out = layer.attention.self, layer.attention.output
         qkv_w = torch.cat([sa.query.weight, sa.key.weight, sa.value.weight])
         qkv_b = torch.cat([sa.query.bias, sa.key.bias, sa.value.bias])
         out += pack_linear(qkv_w, qkv_b) + pack_linear(attn_out.dense.weight, attn_out.dense.bias)
-        out += [floats(attn_out.LayerNorm.weight), floats(attn_out.LayerNorm.bias)]
+        out += [_floats(attn_out.LayerNorm.weight), _floats(attn_out.LayerNorm.bias)]
         out += pack_linear(layer.intermediate.dense.weight, layer.intermediate.dense.bias)
         out += pack_linear(layer.output.dense.weight, layer.output.dense.bias)
-        out += [floats(layer.output.LayerNorm.weight), floats(layer.output.LayerNorm.bias)]
+        out += [_floats(layer.output.LayerNorm.weight), _floats(layer.output.LayerNorm.bias)]
     return out
 
 
@@ -82,14 +75,11 @@ class Int8TextTower:
         self.heads = int(bert.encoder.layer[0].attention.self.num_attention_heads)
         self.eps = float(bert.embeddings.LayerNorm.eps)
         self.pad_id = pad_id
-        self.projection = clip.text_projection.detach().float().contiguous()
+        self.projection = _floats(clip.text_projection)
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
-        try:
-            first = torch.ops.cnclip.int8_bert_encode(input_ids.contiguous(), self.weights, self.heads, self.eps,
-                                                      self.pad_id)
-        except ValueError as exc:
-            raise InputError(str(exc)) from exc
+        first = _call(torch.ops.cnclip.int8_bert_encode, input_ids.contiguous(), self.weights, self.heads, self.eps,
+                      self.pad_id)
         return first @ self.projection
 
 
@@ -101,12 +91,10 @@ if extension_available():
         packed = weight.new_empty(((n + 31) // 32, (k + 3) // 4, 32, 4), dtype=torch.int8)
         return packed, weight.new_empty((n,), dtype=torch.float32), weight.new_empty((n,), dtype=torch.int32)
 
-
     @torch.library.register_fake("cnclip::int8_linear")
     def _linear_fake(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, colsum: torch.Tensor,
                      bias: torch.Tensor | None) -> torch.Tensor:
         return x.new_empty((x.shape[0], scale.shape[0]), dtype=torch.float32)
-
 
     @torch.library.register_fake("cnclip::int8_bert_encode")
     def _bert_fake(input_ids: torch.Tensor, weights: list[torch.Tensor], heads: int, eps: float,
