@@ -44,20 +44,39 @@ def query_aware_scores(t: np.ndarray, g: np.ndarray, c: np.ndarray, config: Sett
     return query_aware_tensor(tt, gg, cc, config).numpy()
 
 
+def is_plain(config: Settings | None) -> bool:
+    """Plain CLIP (the global term only): no settings, or alpha = 1 (the crop term has weight 0)."""
+    return config is None or config.alpha == 1
+
+
+def image_scores(t: torch.Tensor, g: torch.Tensor, c: torch.Tensor | None, config: Settings | None,
+                 pooled: torch.Tensor | None = None) -> torch.Tensor:
+    """[Q, N] float32 scores of text queries t [Q, D] against images g [N, D] / c [N, K, D]: the one dispatch
+    (plain -> global term, image weights -> pooled vectors (given, or pooled here), text weights -> the kernel).
+    The index scan, evaluation and fine-tuning validation all score through it."""
+    t = t.float()
+    if is_plain(config):
+        return t @ g.float().T
+    if config.weights == "image":
+        p = pooled if pooled is not None else pooled_vectors(g.float(), c.float(), alpha=config.alpha, tau=config.tau)
+        return t @ p.float().T
+    return query_aware_tensor(t, g, c, config)
+
+
+def text_scores(g: torch.Tensor, c: torch.Tensor | None, texts: torch.Tensor,
+                config: Settings | None) -> torch.Tensor:
+    """[Q, M] float32 scores of query images (g [Q, D], c [Q, K, D]) against stored texts [M, D]."""
+    texts = texts.float()
+    if is_plain(config):
+        return g.float() @ texts.T
+    if config.weights == "image":
+        return pooled_vectors(g.float(), c.float(), alpha=config.alpha, tau=config.tau) @ texts.T
+    return torch.stack([query_aware_tensor(texts, g[i:i + 1], c[i:i + 1], config)[:, 0] for i in range(len(g))])
+
+
 def score_images(t: np.ndarray, g: np.ndarray, c: np.ndarray | None, p: np.ndarray | None,
                  config: Settings | None) -> np.ndarray:
-    """[Q, N] scores of Q text queries against N images under `config` (None = global CLIP)."""
-    if config is None:
-        return t @ g.T
-    if config.weights == "image":
-        return t @ (p if p is not None else pool(g, c, config)).T
-    return query_aware_scores(t, g, c, config)
-
-
-def score_texts(t: np.ndarray, g: np.ndarray, c: np.ndarray | None, config: Settings | None) -> np.ndarray:
-    """[Q, M] scores of Q query images (g [Q, D], c [Q, K, D]) against M stored texts t [M, D]."""
-    if config is None:
-        return g @ t.T
-    if config.weights == "image":
-        return pool(g, c, config) @ t.T
-    return np.stack([query_aware_scores(t, g[i:i + 1], c[i:i + 1], config)[:, 0] for i in range(len(g))])
+    """[Q, N] scores of Q text queries against N images under `config` (None = global CLIP), numpy in and out."""
+    def tensor(x: np.ndarray | None) -> torch.Tensor | None:
+        return None if x is None else torch.from_numpy(np.ascontiguousarray(x))
+    return image_scores(tensor(t), tensor(g), tensor(c), config, tensor(p)).numpy()

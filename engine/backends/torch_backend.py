@@ -35,28 +35,45 @@ def batch_bucket(n: int) -> int:
     return 1 << (n - 1).bit_length() if n <= 8 else -(-n // 8) * 8
 
 
-def bf16_weights(module: torch.nn.Module) -> torch.nn.Module:
-    """A copy of `module` with bf16 parameters except its LayerNorms' (cn_clip's LayerNorm computes in fp32)."""
-    out = copy.deepcopy(module).to(torch.bfloat16)
+def low_precision_weights(module: torch.nn.Module, dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
+    """A copy of `module` with `dtype` parameters except its LayerNorms' (cn_clip's LayerNorm computes in fp32):
+    cast once, so autocast has no fp32 master weights to re-cast on every call."""
+    out = copy.deepcopy(module).to(dtype)
     for sub in out.modules():
         if isinstance(sub, torch.nn.LayerNorm):
             sub.float()
     return out
 
 
+def _inductor(module: torch.nn.Module) -> Callable:
+    return torch.compile(module, dynamic=False, options={"freezing": True})
+
+
 class CompiledBuckets:
     """A module compiled by TorchInductor (weights frozen as constants) with static shapes, called at the batch
-    bucket of each input: rows are zero-padded to it and cut off again."""
+    bucket of each input: rows are zero-padded to it and cut off again. Each bucket has its own compiled function
+    (so Dynamo's per-function recompile limit never sends a bucket back to eager), and batches above `max_bucket`
+    run in slices of it, which bounds the graphs a process compiles."""
 
-    def __init__(self, module: torch.nn.Module) -> None:
-        self._compiled: Callable = torch.compile(module, dynamic=False, options={"freezing": True})
+    def __init__(self, module: torch.nn.Module, max_bucket: int = 64,
+                 compile: Callable[[torch.nn.Module], Callable] = _inductor) -> None:
+        if max_bucket < 1 or batch_bucket(max_bucket) != max_bucket:
+            raise InputError(f"max_bucket must be a batch bucket (1, 2, 4, 8, then multiples of 8), got {max_bucket}")
+        self._module = module
+        self._compile = compile
+        self.max_bucket = max_bucket
+        self.compiled: dict[int, Callable] = {}
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > self.max_bucket:
+            return torch.cat([self(x[i:i + self.max_bucket]) for i in range(0, x.shape[0], self.max_bucket)])
         n = x.shape[0]
         padded = batch_bucket(n)
         if padded != n:
             x = torch.cat([x, x.new_zeros((padded - n, *x.shape[1:]))])
-        return self._compiled(x)[:n]
+        if padded not in self.compiled:
+            self.compiled[padded] = self._compile(self._module)
+        return self.compiled[padded](x)[:n]
 
 
 class TorchEncoder:
@@ -83,18 +100,26 @@ class TorchEncoder:
 
             self._image_tower, self._text_tower = self.model.encode_image, Int8TextTower(self.model, pad_id)
         elif precision == "bf16-compiled":
-            self._image_tower = CompiledBuckets(bf16_weights(VisionTower(self.model).eval()))
-            self._text_tower = bf16_weights(TextTower(self.model, pad_id).eval())
+            self._image_tower = CompiledBuckets(low_precision_weights(VisionTower(self.model).eval()))
+            self._text_tower = low_precision_weights(TextTower(self.model, pad_id).eval())
+        elif self.device.type == "cuda":  # fp16/bf16 on a GPU: weights cast once, autocast for the fp32 islands
+            dtype = _AUTOCAST[precision]
+            self._image_tower = low_precision_weights(VisionTower(self.model).eval(), dtype)
+            self._text_tower = low_precision_weights(TextTower(self.model, pad_id).eval(), dtype)
         else:
             self._image_tower, self._text_tower = VisionTower(self.model).eval(), TextTower(self.model, pad_id).eval()
         self.input_resolution = input_resolution
         self.embed_dim = int(model.text_projection.shape[1])
         self.pad_id = pad_id
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.precision not in _AUTOCAST:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=_AUTOCAST[self.precision])
+    def _autocast(self, tower: str = "image") -> contextlib.AbstractContextManager:
+        """fp16/bf16 run under autocast. bf16-compiled's eager text tower too on CUDA, whose LayerNorm refuses bf16
+        activations with fp32 weights (the CPU's accepts them, so the CPU path stays as measured)."""
+        if self.precision in _AUTOCAST:
+            return torch.autocast(self.device.type, dtype=_AUTOCAST[self.precision])
+        if self.precision == "bf16-compiled" and tower == "text" and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def _inputs(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)
@@ -114,6 +139,6 @@ class TorchEncoder:
     @torch.inference_mode()
     def encode_texts(self, token_ids: torch.Tensor) -> np.ndarray:
         trimmed = trim_padding(token_ids.cpu().numpy(), self.pad_id, min_length=1)
-        with self._autocast():
+        with self._autocast("text"):
             out = self._text_tower(self._inputs(torch.from_numpy(trimmed)))
         return l2_normalize(out.float().cpu().numpy())

@@ -1,109 +1,171 @@
 """Search over a snapshot: exact scans in bounded blocks, or ANN candidates re-scored exactly; deleted rows skipped.
 
-One scoring path for both: a Scorer turns query vectors and a run of stored rows into exact scores (plain CLIP,
-pooled image-weight LACLIP, or query-aware LACLIP through the fused kernel). The exact scan feeds it every row
-in bounded blocks; the ANN stage feeds it each query's k x refine FAISS candidates (IVF fast-scan or HNSW over
-the primary vectors, deleted rows filtered inside FAISS), gathered from the memory map. Per-segment top-k lists
-are merged with ties going to the earlier segment, then the lower row.
+One scoring path for both: a Scorer turns query vectors and a run of stored rows into exact scores through the one
+dispatch in engine.scoring (plain CLIP, pooled image-weight LACLIP, or query-aware LACLIP through the fused
+kernel). The exact scan feeds it every row in bounded blocks; the ANN stage feeds it each query's k x refine FAISS
+candidates (IVF fast-scan or HNSW over the primary vectors, deleted rows filtered inside FAISS), gathered from the
+memory map. Per-segment top-k lists are merged with ties going to the earlier segment, then the lower row.
+
+On a GPU, scoring stays on the device: columns become resident in the background (engine.index.residency), a
+segment whose rows are resident is scored by the kernel's own top-k (laclip_topk) in one call, other blocks are
+reduced to their top-k on the device, and only k results per query are copied to the host.
 """
 from __future__ import annotations
 
 import logging
-import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Union
 
 import numpy as np
 import torch
 
 from .. import scoring
-from ..laclip import ScoreConfig
+from .. import ops
+from ..laclip import ScoreConfig, pooled_vectors
 from .manifest import AnnConfig
+from .residency import Residency, ResidencyConfig
 from .segment import Part
 from .snapshot import LiveSegment, Snapshot
 from .topk import topk_rows
 
 log = logging.getLogger(__name__)
 _BLOCK_BYTES = 64 << 20
-Rows = Union[slice, np.ndarray]
+RowSelection = Union[slice, np.ndarray]
 
 
 class Placement:
-    """Where scoring runs. On CUDA, whole columns are copied to the GPU on first use while free memory allows
-    (keeping `reserve` of it free); the rest is streamed block by block from the memory-mapped host copy."""
+    """Where scoring runs. On CUDA, whole columns become resident in the background (engine.index.residency)
+    while the device has room; until then, and for columns that do not fit, rows are streamed block by block
+    from the memory-mapped host copy."""
 
-    def __init__(self, device: str = "cpu", reserve: float = 0.2) -> None:
+    def __init__(self, device: str = "cpu", residency: ResidencyConfig | None = None) -> None:
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             log.warning("device %s requested for scoring, but torch sees no CUDA GPU: scoring on the host", device)
             self.device = torch.device("cpu")
-        self.reserve = reserve
-        self._resident: dict[tuple[int, str], torch.Tensor | None] = {}
-        self._lock = threading.Lock()
+        if residency is None and self.device.type == "cuda":
+            residency = ResidencyConfig()
+        self.resident = Residency(self.device, residency) if residency is not None else None
+
+    @property
+    def on_device(self) -> bool:
+        """Whether scoring runs on a GPU (results reduced there, k per query copied back)."""
+        return self.device.type == "cuda"
 
     def tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device, non_blocking=True)
 
-    def rows(self, part: Part, column: str, rows: Rows, source: np.ndarray | None = None) -> torch.Tensor:
-        """`part.<column>[rows]` (or `source[rows]`, a derived column such as pooled vectors) as a tensor on the
-        device: a view of the resident copy when there is one."""
-        source = getattr(part, column) if source is None else source
-        if self.device.type == "cuda":
-            resident = self._resident_column(part, column, source)
-            if resident is not None:
-                index = rows if isinstance(rows, slice) else torch.from_numpy(rows).to(self.device)
-                return resident[index]
-        return self.tensor(source[rows])
+    def column(self, part: Part, column: str) -> torch.Tensor | None:
+        """The resident copy of `part.<column>`, starting its upload when there is none yet."""
+        if self.resident is None or getattr(part, column) is None:
+            return None
+        return self.resident.request(part, column, lambda: getattr(part, column))
 
-    def _resident_column(self, part: Part, column: str, source: np.ndarray) -> torch.Tensor | None:
-        key = (id(part), column)
-        with self._lock:
-            if key not in self._resident:
-                free, total = torch.cuda.mem_get_info(self.device)
-                fits = source.nbytes < free - self.reserve * total
-                self._resident[key] = self.tensor(source) if fits else None
-            return self._resident[key]
+    def rows(self, part: Part, column: str, rows: RowSelection) -> torch.Tensor:
+        """`part.<column>[rows]` as a tensor on the device: a view of the resident copy when there is one."""
+        resident = self.column(part, column)
+        if resident is not None:
+            return resident[rows if isinstance(rows, slice) else torch.from_numpy(rows).to(self.device)]
+        return self.tensor(getattr(part, column)[rows])
+
+    def pooled(self, part: Part, score: ScoreConfig, rows: RowSelection) -> torch.Tensor:
+        """Pooled vectors of `rows` for (tau, alpha) in the storage dtype. With resident rows they are pooled on the
+        device once per setting (kept LRU); a host scan reads the segment's cached pooled column; ANN candidates
+        on the host are pooled as gathered, so no query pays for the whole column."""
+        resident = self.resident_pooled(part, score)
+        if resident is not None:
+            return resident[rows if isinstance(rows, slice) else torch.from_numpy(rows).to(self.device)]
+        if isinstance(rows, slice):
+            return self.tensor(part.pooled(score, scoring.pool)[rows])
+        return self.tensor(scoring.pool(part.vectors[rows], part.crops[rows], score).astype(part.vectors.dtype))
+
+    def resident_pooled(self, part: Part, score: ScoreConfig) -> torch.Tensor | None:
+        """The pooled column on the device, made there from the resident vectors and crops (None until both are)."""
+        if self.resident is None:
+            return None
+        key = f"derived:pooled:{float(score.tau)!r}:{float(score.alpha)!r}"
+        found = self.resident.get(part, key)
+        if found is not None:
+            return found
+        g, c = self.column(part, "vectors"), self.column(part, "crops")
+        if g is None or c is None:
+            return None
+        step = 1 << 16
+        out = torch.empty_like(g)
+        for start in range(0, len(g), step):
+            stop = start + step
+            out[start:stop] = pooled_vectors(g[start:stop].float(), c[start:stop].float(), alpha=score.alpha,
+                                             tau=score.tau).to(g.dtype)
+        self.resident.put(part, key, out, derived=True)
+        return out
+
+    def deleted(self, live: LiveSegment, kind: str) -> torch.Tensor | None:
+        """The deleted-rows mask of `live` on the device (None when nothing is deleted)."""
+        mask = live.masks.get(kind)
+        if mask is None:
+            return None
+        if self.resident is None:
+            return self.tensor(mask)
+        found = self.resident.get(live, kind)
+        if found is None:
+            found = self.tensor(mask)
+            self.resident.put(live, kind, found)
+        return found
 
     def forget(self, parts: list[Part]) -> None:
         """Drop resident copies of parts no longer in any live snapshot."""
-        with self._lock:
-            for part in parts:
-                for key in [key for key in self._resident if key[0] == id(part)]:
-                    del self._resident[key]
-
-
-def pooled_rows(part: Part, rows: Rows, place: Placement, score: ScoreConfig) -> torch.Tensor:
-    """Pooled vectors of `rows` for (tau, alpha) in the storage dtype: a scan reads the segment's pooled column
-    (made once, then cached); ANN candidates are pooled as gathered, so no query pays for the whole column."""
-    if isinstance(rows, slice):
-        key = f"pooled:{score.tau}:{score.alpha}"
-        return place.rows(part, key, rows, part.pooled(score, scoring.pool))
-    return place.tensor(scoring.pool(part.vectors[rows], part.crops[rows], score).astype(part.vectors.dtype))
+        if self.resident is not None:
+            self.resident.forget(list(parts))
 
 
 @dataclass(frozen=True)
 class ImageScorer:
-    """Text queries t [Q, D] against stored images; score None = plain CLIP (global term only)."""
+    """Text queries t [Q, D] against stored images; score None = plain CLIP (global term only). `t_dev` is the
+    queries' device copy, made once per search by `bind`."""
 
     t: np.ndarray
     score: ScoreConfig | None
+    t_dev: torch.Tensor | None = None
     kind = "images"
 
     @property
     def candidates(self) -> np.ndarray:
         return self.t
 
-    def select(self, queries: np.ndarray) -> "ImageScorer":
-        return ImageScorer(self.t[queries], self.score)
+    def bind(self, place: Placement) -> "ImageScorer":
+        return replace(self, t_dev=place.tensor(self.t))
 
-    def scores(self, part: Part, rows: Rows, place: Placement) -> torch.Tensor:
-        t = place.tensor(self.t)
-        if self.score is None:
-            return t @ place.rows(part, "vectors", rows).float().T
+    def select(self, queries: np.ndarray) -> "ImageScorer":
+        return ImageScorer(self.t[queries], self.score, None if self.t_dev is None else self.t_dev[queries])
+
+    def scores(self, part: Part, rows: RowSelection, place: Placement) -> torch.Tensor:
+        t = self.t_dev if self.t_dev is not None else place.tensor(self.t)
+        if scoring.is_plain(self.score):
+            return scoring.image_scores(t, place.rows(part, "vectors", rows), None, None)
         if self.score.weights == "image":
-            return t @ pooled_rows(part, rows, place, self.score).float().T
-        return scoring.query_aware_tensor(t, place.rows(part, "vectors", rows), place.rows(part, "crops", rows),
-                                          self.score)
+            return scoring.image_scores(t, None, None, self.score, pooled=place.pooled(part, self.score, rows))
+        return scoring.image_scores(t, place.rows(part, "vectors", rows), place.rows(part, "crops", rows),
+                                    self.score)
+
+    def fused_topk(self, part: Part, k: int, place: Placement) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(values, rows) [Q, k] of the whole part by the kernel's top-k on resident rows (None: not resident)."""
+        if not (place.on_device and ops.cuda_available()):
+            return None
+        g = place.column(part, "vectors")
+        if g is None:
+            return None
+        if scoring.is_plain(self.score) or self.score.weights == "image":
+            rows = g if scoring.is_plain(self.score) else place.resident_pooled(part, self.score)
+            if rows is None:
+                return None
+            # alpha = 1: the global term only; the crop argument is a view the kernel never reads
+            return ops.laclip_topk(self.t_dev.to(rows.dtype), rows, rows[:, None], k=k, alpha=1.0, tau=1.0,
+                                   weights="text")
+        c = place.column(part, "crops")
+        if c is None:
+            return None
+        return ops.laclip_topk(self.t_dev.to(g.dtype), g, c, k=k, alpha=self.score.alpha, tau=self.score.tau,
+                               weights="text")
 
 
 @dataclass(frozen=True)
@@ -113,26 +175,31 @@ class TextScorer:
     g: np.ndarray
     c: np.ndarray | None
     score: ScoreConfig | None
-
+    g_dev: torch.Tensor | None = None
+    c_dev: torch.Tensor | None = None
     kind = "texts"
 
     @property
     def candidates(self) -> np.ndarray:
-        if self.score is not None and self.score.weights == "image":
+        if not scoring.is_plain(self.score) and self.score.weights == "image":
             return scoring.pool(self.g, self.c, self.score)
         return self.g
 
-    def select(self, queries: np.ndarray) -> "TextScorer":
-        return TextScorer(self.g[queries], self.c[queries] if self.c is not None else None, self.score)
+    def bind(self, place: Placement) -> "TextScorer":
+        return replace(self, g_dev=place.tensor(self.g), c_dev=None if self.c is None else place.tensor(self.c))
 
-    def scores(self, part: Part, rows: Rows, place: Placement) -> torch.Tensor:
-        texts = place.rows(part, "vectors", rows)
-        if self.score is None or self.score.weights == "image":
-            return place.tensor(self.candidates) @ texts.float().T
-        g, c = place.tensor(self.g), place.tensor(self.c)
-        columns = [scoring.query_aware_tensor(texts, g[i:i + 1], c[i:i + 1], self.score)[:, 0]
-                   for i in range(len(g))]
-        return torch.stack(columns)
+    def select(self, queries: np.ndarray) -> "TextScorer":
+        def pick(x: np.ndarray | torch.Tensor | None) -> np.ndarray | torch.Tensor | None:
+            return None if x is None else x[queries]
+        return TextScorer(self.g[queries], pick(self.c), self.score, pick(self.g_dev), pick(self.c_dev))
+
+    def scores(self, part: Part, rows: RowSelection, place: Placement) -> torch.Tensor:
+        g = self.g_dev if self.g_dev is not None else place.tensor(self.g)
+        c = self.c_dev if self.c_dev is not None or self.c is None else place.tensor(self.c)
+        return scoring.text_scores(g, c, place.rows(part, "vectors", rows), self.score)
+
+    def fused_topk(self, part: Part, k: int, place: Placement) -> None:
+        return None  # the texts are the kernel's queries here, so its per-query top-k runs the other way
 
 
 Scorer = Union[ImageScorer, TextScorer]
@@ -153,6 +220,7 @@ def search(snapshot: Snapshot, scorer: Scorer, k: int, *, exact: bool, ann: AnnC
     holds fewer than `ann.exact_below` live rows; a query whose ANN candidates hold fewer than k live rows is
     answered exactly."""
     queries = len(scorer.candidates)
+    scorer = scorer.bind(place)
     use_ann = not exact and ann.kind != "none" and snapshot.live(scorer.kind) >= ann.exact_below
     pieces: list[list[tuple[np.ndarray, int, np.ndarray]]] = [[] for _ in range(queries)]
     for position, live, part in snapshot.parts(scorer.kind):
@@ -170,14 +238,75 @@ def search(snapshot: Snapshot, scorer: Scorer, k: int, *, exact: bool, ann: AnnC
 
 def _scan_segment(scorer: Scorer, part: Part, live: LiveSegment, position: int, k: int, place: Placement,
                   pieces: list[list]) -> None:
-    row_bytes = part.vectors[0].nbytes + (part.crops[0].nbytes if part.crops is not None else 0)
-    step = max(1024, _BLOCK_BYTES // max(1, row_bytes))
-    for start in range(0, part.rows, step):
-        stop = min(part.rows, start + step)
+    if place.on_device:
+        _scan_segment_on_device(scorer, part, live, position, k, place, pieces)
+        return
+    for start, stop in _blocks(part):
         scores = scorer.scores(part, slice(start, stop), place).float().cpu().numpy()
         rows = np.arange(start, stop)
         for q in range(len(scores)):
             _collect(pieces[q], scores[q], rows, live, scorer.kind, position, k)
+
+
+def _blocks(part: Part) -> list[tuple[int, int]]:
+    """Row ranges of about _BLOCK_BYTES of stored vectors and crops each."""
+    row_bytes = part.vectors[0].nbytes + (part.crops[0].nbytes if part.crops is not None else 0)
+    step = max(1024, _BLOCK_BYTES // max(1, row_bytes))
+    return [(start, min(part.rows, start + step)) for start in range(0, part.rows, step)]
+
+
+def _scan_segment_on_device(scorer: Scorer, part: Part, live: LiveSegment, position: int, k: int,
+                            place: Placement, pieces: list[list]) -> None:
+    """The scan on a GPU: the kernel's top-k over resident rows (k + deleted candidates, deleted ones dropped on
+    the host), else each block's top-k on the device; one host copy of the candidates per segment."""
+    deleted = len(live.deleted.get(scorer.kind, ()))
+    want = min(part.rows, k + deleted)
+    fused = scorer.fused_topk(part, want, place)
+    if fused is not None:
+        values, rows = fused
+    else:
+        mask = place.deleted(live, scorer.kind)
+        best: tuple[torch.Tensor, torch.Tensor] | None = None
+        for start, stop in _blocks(part):
+            scores = scorer.scores(part, slice(start, stop), place).float()
+            if mask is not None:
+                scores = scores.masked_fill(mask[start:stop], float("-inf"))
+            block = device_topk(scores, min(k, stop - start), offset=start)
+            best = block if best is None else device_topk_merge(best, block, k)
+        values, rows = best
+    values, rows = values.cpu().numpy(), rows.cpu().numpy()
+    for q in range(len(values)):
+        _collect(pieces[q], values[q], rows[q], live, scorer.kind, position, k)
+
+
+def sort_keys(scores: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """int64 keys ordered by score, then by the lower row (rows < 2**32), so one top-k on keys is exact with the
+    engine's tie rule (the kernel's topk_key, restated in torch)."""
+    bits = (scores.float() + 0.0).contiguous().view(torch.int32).to(torch.int64)  # + 0.0 folds -0.0 into +0.0
+    ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    return (ordered << 32) | (0xFFFFFFFF - rows)
+
+
+def keys_to_results(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores float32, rows int64) of keys made by sort_keys."""
+    ordered = (keys >> 32).to(torch.int32)
+    bits = torch.where(ordered >= 0, ordered, ordered ^ 0x7FFFFFFF)
+    return bits.view(torch.float32), 0xFFFFFFFF - (keys & 0xFFFFFFFF)
+
+
+def device_topk(scores: torch.Tensor, k: int, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of each row of [Q, n] scores on their device, best first, ties to the lower row; rows numbered
+    from `offset`."""
+    rows = torch.arange(offset, offset + scores.shape[1], device=scores.device).expand(scores.shape[0], -1)
+    keys = torch.topk(sort_keys(scores, rows), k, dim=1).values
+    return keys_to_results(keys)
+
+
+def device_topk_merge(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor],
+                      k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-k of two candidate lists (values, rows) [Q, *], on the device."""
+    keys = torch.cat([sort_keys(*a), sort_keys(*b)], dim=1)
+    return keys_to_results(torch.topk(keys, min(k, keys.shape[1]), dim=1).values)
 
 
 def _ann_segment(scorer: Scorer, part: Part, live: LiveSegment, position: int, k: int, ann: AnnConfig,
