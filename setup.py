@@ -79,8 +79,9 @@ def make_extension():
         cpp_ext.CUDA_HOME = str(cuda_home)
     cxx = ["-O3", "-fopenmp", "-Wno-maybe-uninitialized"] if os.name != "nt" else ["/O2", "/openmp"]
     link = ["-fopenmp"] if os.name != "nt" else []
-    sources = [f"{CSRC}/{name}" for name in ("bindings.cpp", "ops.cpp", "laclip_cpu.cpp", "topk_chunks.cpp",
-                                                  "int8_linear.cpp", "int8_bert.cpp", "int8_ops.cpp")]
+    sources = [f"{CSRC}/{name}" for name in ("bindings.cpp", "ops.cpp", "laclip_cpu.cpp", "cpu/laclip_generic.cpp",
+                                                  "cpu/laclip_avx2.cpp", "cpu/laclip_avx512.cpp", "cpu/laclip_amx.cpp",
+                                                  "topk_chunks.cpp", "int8_linear.cpp", "int8_bert.cpp", "int8_ops.cpp")]
     if cuda_home is None:
         print("setup.py: building engine._laclip_ext for the CPU only", file=sys.stderr)
         return cpp_ext.CppExtension(
