@@ -1,6 +1,7 @@
-// int8 linear layers (see int8_linear.h): weight packing, per-row activation quantisation, and the GEMM in two
-// implementations with identical int32 sums: AVX512-VNNI (VPDPBUSD, 8 rows x 32 channels per register tile) and
-// portable loops.
+// int8 linear layers (see int8_linear.h): weight packing, per-row activation quantisation, and the GEMM in three
+// implementations with identical int32 sums: AVX512-VNNI (VPDPBUSD, 8 rows x 32 channels per register tile), AVX2
+// (VPMADDWD on int16-widened operands: exact, where VPMADDUBSW's int16 pair sums of 255 x 127 products would
+// saturate) and portable loops.
 #include "int8_linear.h"
 
 #include <ATen/Parallel.h>
@@ -24,6 +25,7 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // Activations of one call: uint8 rows padded to a multiple of 4 features, with each row's scale and zero point.
 struct QuantizedRows {
   std::vector<uint8_t> data;
+  std::vector<int16_t> wide;  // the same values zero-extended to int16 (AVX2 path only), same stride
   std::vector<float> scale;
   std::vector<int32_t> zero;
   int64_t stride = 0;
@@ -77,19 +79,64 @@ __attribute__((target("avx512f,avx512bw"))) void quantize_row_avx512(const float
   for (; j < k; ++j) out[j] = quantize_one(row[j], inv, z);
 }
 
+// The same values 8 at a time with AVX2 (round to nearest even, as nearbyint in the default rounding mode).
+__attribute__((target("avx2,fma"))) void quantize_row_avx2(const float* row, int64_t k, uint8_t* out,
+                                                           int16_t* wide, float* scale, int32_t* zero) {
+  __m256 vlo = _mm256_setzero_ps(), vhi = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= k; j += 8) {
+    const __m256 v = _mm256_loadu_ps(row + j);
+    vlo = _mm256_min_ps(vlo, v);
+    vhi = _mm256_max_ps(vhi, v);
+  }
+  alignas(32) float lanes_lo[8], lanes_hi[8];
+  _mm256_store_ps(lanes_lo, vlo);
+  _mm256_store_ps(lanes_hi, vhi);
+  float lo = 0.f, hi = 0.f;
+  for (int i = 0; i < 8; ++i) {
+    lo = std::min(lo, lanes_lo[i]);
+    hi = std::max(hi, lanes_hi[i]);
+  }
+  for (int64_t t = j; t < k; ++t) {
+    lo = std::min(lo, row[t]);
+    hi = std::max(hi, row[t]);
+  }
+  row_scale(lo, hi, scale, zero);
+  const float inv = 1.f / *scale, z = static_cast<float>(*zero);
+  const __m256 vinv = _mm256_set1_ps(inv), vz = _mm256_set1_ps(z), top = _mm256_set1_ps(255.f);
+  for (j = 0; j + 8 <= k; j += 8) {
+    __m256 q = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(row + j), vinv),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    q = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(q, vz), _mm256_setzero_ps()), top);
+    const __m256i v32 = _mm256_cvtps_epi32(q);  // 0..255
+    const __m128i v16 = _mm_packus_epi32(_mm256_castsi256_si128(v32), _mm256_extracti128_si256(v32, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(wide + j), v16);
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(out + j), _mm_packus_epi16(v16, v16));
+  }
+  for (; j < k; ++j) {
+    out[j] = quantize_one(row[j], inv, z);
+    wide[j] = out[j];
+  }
+}
+
+enum class Path { kGeneric, kAvx2, kVnni };
+
 // Activations of one call (finite values): uint8 rows padded to a multiple of 4 features, with each row's scale
 // and zero point.
-QuantizedRows quantize_rows(const float* x, int64_t m, int64_t k, bool avx512) {
+QuantizedRows quantize_rows(const float* x, int64_t m, int64_t k, Path path) {
   QuantizedRows q;
   q.stride = ceil_div(k, kInt8Group) * kInt8Group;
   q.data.assign(static_cast<size_t>(m * q.stride), 0);
+  if (path == Path::kAvx2) q.wide.assign(static_cast<size_t>(m * q.stride), 0);
   q.scale.resize(m);
   q.zero.resize(m);
   at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       uint8_t* out = q.data.data() + r * q.stride;
-      if (avx512)
+      if (path == Path::kVnni)
         quantize_row_avx512(x + r * k, k, out, &q.scale[r], &q.zero[r]);
+      else if (path == Path::kAvx2)
+        quantize_row_avx2(x + r * k, k, out, q.wide.data() + r * q.stride, &q.scale[r], &q.zero[r]);
       else
         quantize_row_generic(x + r * k, k, out, &q.scale[r], &q.zero[r]);
     }
@@ -159,6 +206,75 @@ void tile_vnni(const QuantizedRows& a, int64_t r0, int64_t rows, const int8_t* b
   }
 }
 
+// The same sums with AVX2. VPMADDUBSW (u8 x s8, pairs summed in int16) would saturate: 255 x 127 x 2 > 32767.
+// So both operands are widened to int16 and VPMADDWD (pairs summed in int32, exact) multiplies them: one 16-byte
+// load of the packed block holds 4 channels x 4 features, sign-extended to 16 int16 lanes; the row's 4 activations
+// of the group (zero-extended int16) are broadcast to every 64-bit lane, so each 32-bit lane of the product
+// accumulates one channel's features 0-1 or 2-3 (adjacent lanes are added at the end). kR rows x kC registers of
+// weights (4 kC channels) of accumulators stay in registers (kR kC + kC + 1 <= 16: no spills, which cost a
+// store-to-load round trip per step) while a pass walks a chunk of kChunkGroups groups (8 KiB of the block, in L1
+// for the block's other passes); partial sums wait in `part` between chunks.
+constexpr int64_t kChunkGroups = 64;
+
+template <int kR, int kC>
+__attribute__((target("avx2,fma"))) void tile_avx2_rows(const int16_t* base, int64_t stride, const int8_t* block,
+                                                        int64_t groups, int32_t (*acc)[kInt8Cols]) {
+  constexpr int64_t kPrefetchStep = kInt8Cols * kInt8Group * kC / 8;  // bytes: the passes cover one chunk
+  alignas(32) int32_t part[kR][2 * kInt8Cols] = {};
+  for (int64_t g0 = 0; g0 < groups; g0 += kChunkGroups) {
+    const int64_t g1 = std::min(groups, g0 + kChunkGroups);
+    for (int64_t pass = 0; pass < kInt8Cols / (4 * kC); ++pass) {
+      __m256i sum[kR][kC];
+#pragma GCC unroll 8
+      for (int r = 0; r < kR; ++r)
+#pragma GCC unroll 8
+        for (int c = 0; c < kC; ++c)
+          sum[r][c] = _mm256_load_si256(reinterpret_cast<const __m256i*>(part[r] + 8 * (pass * kC + c)));
+      const int8_t* w = block + g0 * kInt8Cols * kInt8Group + pass * 4 * kC * kInt8Group;
+      // The next chunk (or the next block: they are contiguous), one slice per step, spread over the passes.
+      const char* ahead = reinterpret_cast<const char*>(block + g1 * kInt8Cols * kInt8Group) +
+                          pass * kChunkGroups * kPrefetchStep;
+      for (int64_t g = g0; g < g1; ++g, w += kInt8Cols * kInt8Group, ahead += kPrefetchStep) {
+        _mm_prefetch(ahead, _MM_HINT_T0);
+        __m256i wv[kC];
+#pragma GCC unroll 8
+        for (int c = 0; c < kC; ++c)
+          wv[c] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16 * c)));
+#pragma GCC unroll 8
+        for (int r = 0; r < kR; ++r) {
+          int64_t four;
+          std::memcpy(&four, base + r * stride + g * kInt8Group, sizeof four);
+          const __m256i x = _mm256_set1_epi64x(four);
+#pragma GCC unroll 8
+          for (int c = 0; c < kC; ++c) sum[r][c] = _mm256_add_epi32(sum[r][c], _mm256_madd_epi16(x, wv[c]));
+        }
+      }
+#pragma GCC unroll 8
+      for (int r = 0; r < kR; ++r)
+#pragma GCC unroll 8
+        for (int c = 0; c < kC; ++c)
+          _mm256_store_si256(reinterpret_cast<__m256i*>(part[r] + 8 * (pass * kC + c)), sum[r][c]);
+    }
+  }
+  for (int r = 0; r < kR; ++r)
+    for (int64_t c = 0; c < kInt8Cols; ++c) acc[r][c] = part[r][2 * c] + part[r][2 * c + 1];
+}
+
+// A tile of up to 8 rows in sub-tiles of 4 rows x 8 channels (11 registers), the last 1-3 rows with more channels
+// per pass so each broadcast activation still meets several weight registers.
+void tile_avx2(const QuantizedRows& a, int64_t r0, int64_t rows, const int8_t* block, int64_t groups,
+               int32_t acc[kRows][kInt8Cols]) {
+  const int16_t* base = a.wide.data() + r0 * a.stride;
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) tile_avx2_rows<4, 2>(base + r * a.stride, a.stride, block, groups, acc + r);
+  switch (rows - r) {
+    case 3: tile_avx2_rows<3, 2>(base + r * a.stride, a.stride, block, groups, acc + r); break;
+    case 2: tile_avx2_rows<2, 4>(base + r * a.stride, a.stride, block, groups, acc + r); break;
+    case 1: tile_avx2_rows<1, 4>(base + r * a.stride, a.stride, block, groups, acc + r); break;
+    default: break;
+  }
+}
+
 // One tile's output rows: sa * sw * (acc - za * colsum) + bias, rounding as the loops in int8_linear_into but
 // with each product-and-add fused (results agree to float rounding, the int32 sums exactly).
 __attribute__((target("avx512f"))) void epilogue_avx512(const int32_t acc[kRows][kInt8Cols], int64_t rows,
@@ -187,14 +303,29 @@ bool cpu_has_vnni() {
   return ok;
 }
 
-bool use_vnni() {
-  const std::string cap = cpu_isa();  // the LACLIP path in use: capping it at generic/avx2 caps this too
-  return cpu_has_vnni() && (cap.rfind("avx512", 0) == 0 || cap == "amx_bf16");
+bool cpu_has_avx2() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+
+// The LACLIP path in use caps this one: capped at generic, the loops; at avx2, the AVX2 GEMM even on a VNNI CPU.
+Path int8_path() {
+  const std::string cap = cpu_isa();
+  const bool avx512 = cap.rfind("avx512", 0) == 0 || cap == "amx_bf16";
+  if (cpu_has_vnni() && avx512) return Path::kVnni;
+  if (cpu_has_avx2() && (avx512 || cap == "avx2")) return Path::kAvx2;
+  return Path::kGeneric;
 }
 
 }  // namespace
 
-const char* int8_isa() { return use_vnni() ? "avx512_vnni" : "generic"; }
+const char* int8_isa() {
+  switch (int8_path()) {
+    case Path::kVnni: return "avx512_vnni";
+    case Path::kAvx2: return "avx2";
+    default: return "generic";
+  }
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_pack_weight(const at::Tensor& weight) {
   const at::Tensor w = weight.to(at::kFloat).contiguous();
@@ -224,8 +355,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_pack_weight(const at::Tensor
 }
 
 void int8_linear_into(const float* x, int64_t m, const PackedLinear& layer, float* out) {
-  const bool vnni = use_vnni();
-  const QuantizedRows a = quantize_rows(x, m, layer.k, vnni);
+  const Path path = int8_path();
+  const bool vnni = path == Path::kVnni;
+  const QuantizedRows a = quantize_rows(x, m, layer.k, path);
   const int64_t groups = ceil_div(layer.k, kInt8Group), blocks = ceil_div(layer.n, kInt8Cols);
   const int64_t tiles = ceil_div(m, kRows);
   // Task t = block * tiles + tile: a thread's contiguous range reuses each weight block across row tiles.
@@ -236,6 +368,8 @@ void int8_linear_into(const float* x, int64_t m, const PackedLinear& layer, floa
       const int8_t* w = layer.packed + block * groups * kInt8Cols * kInt8Group;
       if (vnni)
         tile_vnni(a, r0, rows, w, groups, acc);
+      else if (path == Path::kAvx2)
+        tile_avx2(a, r0, rows, w, groups, acc);
       else
         tile_generic(a, r0, rows, w, groups, acc);
       const int64_t c0 = block * kInt8Cols, cols = std::min(kInt8Cols, layer.n - c0);

@@ -4,7 +4,7 @@
 //
 // Packed weight layout, [ceil(N/32), ceil(K/4), 32, 4] int8: for each block of 32 output channels, each group of
 // 4 input features holds 32 x 4 bytes, the operand one AVX512-VNNI VPDPBUSD pair multiplies by 4 activation
-// bytes broadcast to every lane. Padding (K to a multiple of 4, N to a multiple of 32) is zero.
+// bytes broadcast to every lane (the AVX2 path widens 16 bytes at a time: 4 channels x 4 features). Padding (K to a multiple of 4, N to a multiple of 32) is zero.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -36,7 +36,8 @@ PackedLinear check_packed_linear(const at::Tensor& packed, const at::Tensor& sca
 void int8_linear_into(const float* x, int64_t m, const PackedLinear& layer, float* out);
 
 // "avx512_vnni" when this CPU has it and the LACLIP CPU path is not capped below AVX-512 (set_max_isa), else
-// "generic" (portable loops, the same int32 sums, so the same outputs).
+// "avx2" (AVX2 + FMA, the LACLIP path not capped at generic), else "generic" (portable loops). All three compute
+// the same int32 sums, so the same outputs up to float rounding in the epilogue.
 const char* int8_isa();
 
 }  // namespace laclip

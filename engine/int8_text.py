@@ -2,8 +2,9 @@
 
 For a short query the text tower's cost is reading its weights (85M for ViT-B-16's RoBERTa-base), and with 8
 tokens the int8 matrix products of ONNX Runtime and PyTorch run well below the memory rate; the native encoder
-streams each layer's int8 weights once per call through AVX512-VNNI dot products (portable loops elsewhere, with
-identical integer sums) and does the rest (embeddings, LayerNorm, attention, GELU) in float32 with no per-op
+streams each layer's int8 weights once per call through AVX512-VNNI dot products (on AVX2-only CPUs, VPMADDWD on
+operands widened to int16, exact where VPMADDUBSW would saturate; portable loops elsewhere; all with identical
+integer sums) and does the rest (embeddings, LayerNorm, attention, GELU) in float32 with no per-op
 framework cost. Weights are quantised per output channel (symmetric int8), activations per row on every call
 (asymmetric uint8, the scheme of ONNX Runtime's dynamic int8). The text projection stays float32.
 
@@ -23,7 +24,8 @@ __all__ = ["Int8TextTower", "int8_isa", "int8_linear", "pack_bert", "pack_linear
 
 
 def int8_isa() -> str:
-    """The int8 GEMM's code path on this CPU: 'avx512_vnni' or 'generic' (capped with engine.ops.set_max_isa)."""
+    """The int8 GEMM's code path on this CPU: 'avx512_vnni', 'avx2' or 'generic' (capped with
+    engine.ops.set_max_isa: a cap at 'avx2' runs the AVX2 GEMM even on a VNNI CPU)."""
     return str(_require().int8_isa())
 
 

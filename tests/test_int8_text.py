@@ -1,7 +1,8 @@
 """The native int8 text tower (engine.int8_text, csrc/int8_*.cpp) against the float32 reference.
 
-The int8 GEMM's AVX512-VNNI path and its portable loops compute the same int32 sums, so they must agree to float
-rounding on shapes neither was tuned to; both must match a float32 matmul to int8 accuracy; and the whole encoder
+The int8 GEMM's AVX512-VNNI and AVX2 paths and its portable loops compute the same int32 sums: on integer-valued
+inputs (scales of exactly 1) every path this CPU can run must return the exact integer product, and on random
+inputs they must agree to float rounding, on shapes none was tuned to (odd row counts cover every AVX2 sub-tile); both must match a float32 matmul to int8 accuracy; and the whole encoder
 must match cn_clip's text tower (min cosine >= 0.99, the int8 parity gate) on padded batches, short and long.
 """
 from __future__ import annotations
@@ -20,6 +21,21 @@ pytestmark = pytest.mark.skipif(not ops.extension_available(),
 
 if ops.extension_available():
     from engine.int8_text import Int8TextTower, int8_isa, int8_linear, pack_linear
+
+
+def _int8_paths() -> dict[str, str]:
+    """Each int8 GEMM path this CPU can run -> the set_max_isa cap that selects it."""
+    paths: dict[str, str] = {}
+    try:
+        for cap in ops.cpu_isas():
+            ops.set_max_isa(cap)
+            paths.setdefault(int8_isa(), cap)
+    finally:
+        ops.set_max_isa(None)
+    return paths
+
+
+INT8_PATHS = _int8_paths() if ops.extension_available() else {}
 
 
 @pytest.fixture
@@ -58,6 +74,47 @@ def test_int8_linear_paths_agree_and_match_fp32(m, k, n, generic_and_fast):
     slow, fast = generic_and_fast(lambda: int8_linear(x, layer))
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-4)
     assert _min_cosine(fast, x @ w.T + b) > 0.999
+
+
+@pytest.mark.parametrize("path", sorted(INT8_PATHS))
+@pytest.mark.parametrize("m,k,n", [(1, 67, 45), (2, 130, 33), (3, 5, 100), (5, 509, 64), (7, 96, 31),
+                                   (11, 257, 97), (13, 300, 70)])
+def test_int8_paths_give_exact_integer_sums(path, m, k, n):
+    """Activations 0..255 with each row spanning 0 and 255 quantise to themselves (scale 1, zero point 0), weights
+    -127..127 with each channel reaching +-127 to themselves (scale 1): the output is the integer product itself,
+    exact in float32 at these K, so every path must return it exactly (no saturation, no lost sums)."""
+    g = torch.Generator().manual_seed(m * 1000 + k + n)
+    x = torch.randint(0, 256, (m, k), generator=g)
+    x[:, 0], x[:, -1] = 0, 255
+    w = torch.randint(-127, 128, (n, k), generator=g)
+    w[:, k // 2] = torch.where(torch.rand(n, generator=g) < 0.5, -127, 127)
+    exact = (x @ w.T).float()
+    layer = pack_linear(w.float(), None)
+    ops.set_max_isa(INT8_PATHS[path])
+    try:
+        assert int8_isa() == path
+        out = int8_linear(x.float(), layer)
+    finally:
+        ops.set_max_isa(None)
+    assert torch.equal(out, exact)
+
+
+@pytest.mark.parametrize("path", sorted(INT8_PATHS))
+def test_int8_paths_agree_on_random_inputs(path):
+    """Float inputs with per-row scales: every path against the portable loops, rows 1..13 (every AVX2 sub-tile)."""
+    g = torch.Generator().manual_seed(7)
+    w, b = torch.randn(77, 203, generator=g), torch.randn(77, generator=g)
+    x = torch.randn(13, 203, generator=g) * torch.linspace(0.1, 9, 13)[:, None]
+    layer = pack_linear(w, b)
+    ops.set_max_isa("generic")
+    try:
+        slow = int8_linear(x, layer)
+        ops.set_max_isa(INT8_PATHS[path])
+        fast = [int8_linear(x[:rows], layer) for rows in range(1, 14)]
+    finally:
+        ops.set_max_isa(None)
+    for rows, out in enumerate(fast, start=1):
+        torch.testing.assert_close(out, slow[:rows], rtol=1e-5, atol=1e-4)
 
 
 def test_int8_linear_zero_rows_and_constant_rows():
@@ -122,7 +179,10 @@ def test_opcheck(tiny):
 
 
 def test_isa_is_reported():
-    assert int8_isa() in ("avx512_vnni", "generic")
+    assert int8_isa() in ("avx512_vnni", "avx2", "generic")
+    assert "generic" in INT8_PATHS
+    if "avx2" in ops.cpu_isas():  # an AVX2 CPU runs the AVX2 GEMM at least (VNNI where it has it)
+        assert int8_isa() in ("avx512_vnni", "avx2") and "avx2" in INT8_PATHS
     ops.set_force_generic(True)
     try:
         assert int8_isa() == "generic"
