@@ -19,10 +19,11 @@ from typing import Any, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from ..errors import ImageDecodeError
-from ..preprocess import TEXT_PIPELINE
-from ..retriever import Retriever
-from .datasets import Dataset, ImageRecord, Problem, undecodable
+from .datasets import Dataset
+from .errors import ImageDecodeError
+from .preprocess import TEXT_PIPELINE
+from .records import ImageRecord, Problem, undecodable
+from .retriever import Retriever
 
 CACHE_VERSION = 1
 DEFAULT_CACHE_DIR = Path("~/.cache/cnclip-engine/features").expanduser()

@@ -3,96 +3,25 @@
 Both share `{split}_texts.jsonl` (`{"text_id": ..., "text": "...", "image_ids": [...]}` per line). Ids are
 compared as strings (`1` in the jsonl matches `images/1.png` and a TSV row `1<TAB>...`). Every bad record
 becomes a `Problem` naming file and line; nothing bad is dropped without being reported.
+Shared by evaluation (engine.eval) and fine-tuning (engine.finetune); the records themselves are engine.records.
 """
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
 
-from PIL import Image
-
-from ..errors import ImageDecodeError, InputError
-from ..gallery import list_images
-from ..preprocess import DEFAULT_MAX_PIXELS, load_image, wordpieces
+from .errors import ImageDecodeError, InputError
+from .gallery import list_images
+from .preprocess import DEFAULT_MAX_PIXELS, wordpieces
+from .records import DatasetError, ImageRecord, Problem, TextRecord, read_tsv, undecodable
 
 Layout = Literal["auto", "tsv", "folder"]
-MAX_LISTED = 20  # problems quoted in an exception message (the CLI prints them all)
 
-
-@dataclass(frozen=True)
-class Problem:
-    """One bad record: where it is, what kind (malformed, duplicate, missing_image, undecodable), what is wrong."""
-
-    file: str
-    line: int | None
-    kind: str
-    message: str
-
-    def __str__(self) -> str:
-        where = f"{self.file}:{self.line}" if self.line is not None else self.file
-        return f"{where}: {self.message}"
-
-    def to_dict(self) -> dict:
-        return {"file": self.file, "line": self.line, "kind": self.kind, "message": self.message}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "Problem":
-        return cls(data["file"], data["line"], data["kind"], data["message"])
-
-
-class DatasetError(InputError):
-    """The dataset has bad records; `problems` lists every one (file, line, what)."""
-
-    def __init__(self, problems: Sequence[Problem]) -> None:
-        self.problems = list(problems)
-        listed = "\n  ".join(str(p) for p in self.problems[:MAX_LISTED])
-        more = f"\n  ... and {len(self.problems) - MAX_LISTED} more" if len(self.problems) > MAX_LISTED else ""
-        super().__init__(f"{len(self.problems)} bad records (rerun with --skip-bad to skip them):\n  {listed}{more}")
-
-
-@dataclass(frozen=True)
-class TextRecord:
-    """A caption and the ids of the images it describes, with its jsonl line."""
-
-    id: str
-    text: str
-    image_ids: tuple[str, ...]
-    line: int
-
-
-@dataclass(frozen=True)
-class ImageRecord:
-    """Where one image lives: a file (folder layout) or a byte offset into the TSV (read lazily)."""
-
-    id: str
-    file: Path
-    line: int | None = None
-    offset: int | None = None
-
-    def where(self) -> tuple[str, int | None]:
-        return str(self.file), self.line
-
-    def source(self) -> bytes | Path:
-        """The encoded image: the file path, or the base64-decoded bytes of its TSV row."""
-        if self.offset is None:
-            return self.file
-        with open(self.file, "rb") as f:
-            f.seek(self.offset)
-            row = f.readline().rstrip(b"\r\n")
-        try:  # cn_clip writes standard base64 and reads it with urlsafe_b64decode; accept both alphabets
-            body = row.split(b"\t", 1)[1].strip().translate(bytes.maketrans(b"-_", b"+/"))
-            return base64.b64decode(body, validate=True)
-        except (binascii.Error, ValueError) as exc:
-            raise ImageDecodeError(f"invalid base64 ({exc})") from None
-
-    def decode(self, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-        """The fully decoded image; ImageDecodeError when the data is not a readable image."""
-        return load_image(self.source(), max_pixels)
+__all__ = ["Dataset", "DatasetError", "ImageRecord", "Layout", "Problem", "TextRecord", "check_images",
+           "fingerprint", "read_dataset", "undecodable"]
 
 
 @dataclass
@@ -165,11 +94,6 @@ def check_images(images: Sequence[ImageRecord], max_pixels: int = DEFAULT_MAX_PI
     return problems
 
 
-def undecodable(record: ImageRecord, exc: Exception) -> Problem:
-    file, line = record.where()
-    return Problem(file, line, "undecodable", f"image {record.id!r} cannot be decoded: {exc}")
-
-
 def fingerprint(files: Sequence[Path]) -> str:
     """A digest of each file's resolved path, size and modification time (cheap; changes when a file does)."""
     digest = hashlib.sha256()
@@ -193,35 +117,6 @@ def _resolve_layout(layout: Layout, tsv: Path, folder: Path) -> str:
     if tsv.is_file():
         raise InputError(f"both {tsv} and {folder}/ exist; choose one with --layout tsv|folder")
     raise InputError(f"no images found: expected {tsv} (cn_clip layout) or {folder}/ (image folder layout)")
-
-
-def read_tsv(path: Path, problems: list[Problem]) -> list[ImageRecord]:
-    """Rows `image_id<TAB>base64`; the base64 is decoded later, when the image is needed."""
-    records: list[ImageRecord] = []
-    first_line: dict[str, int] = {}
-    offset = 0
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, 1):
-            start, offset = offset, offset + len(raw)
-            row = raw.rstrip(b"\r\n")
-            if not row.strip():
-                continue
-            head, tab, body = row.partition(b"\t")
-            try:
-                image_id = head.decode("utf-8").strip()
-            except UnicodeDecodeError:
-                image_id = ""
-            if not tab or not image_id or not body.strip():
-                problems.append(Problem(str(path), number, "malformed",
-                                        "expected 'image_id<TAB>base64 image' (missing id, tab or image data)"))
-                continue
-            if image_id in first_line:
-                problems.append(Problem(str(path), number, "duplicate",
-                                        f"duplicate image id {image_id!r} (first at line {first_line[image_id]})"))
-                continue
-            first_line[image_id] = number
-            records.append(ImageRecord(image_id, path, number, start))
-    return records
 
 
 def _read_folder(folder: Path, problems: list[Problem]) -> list[ImageRecord]:

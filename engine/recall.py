@@ -10,7 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import InputError
+from .errors import InputError
 
 KS = (1, 5, 10)
 Metrics = dict  # {"text_to_image": {"R@1": ..}, "image_to_text": {..}, "MR": ..}, recalls in percent

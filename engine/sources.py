@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 from .errors import ImageDecodeError, InputError
-from .eval.datasets import DatasetError, ImageRecord, Problem
-from .eval.datasets import read_tsv as read_tsv_rows
 from .gallery import IMAGE_SUFFIXES
+from .records import DatasetError, ImageRecord, Problem
+from .records import read_tsv as read_tsv_rows
 
 SourceKind = Literal["auto", "folder", "list", "tsv", "tar"]
 TAR_IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")  # preference order in a sample

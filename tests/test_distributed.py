@@ -18,7 +18,7 @@ from PIL import Image
 from conftest import image_bytes, make_image
 from engine import LaclipConfig, Retriever
 from engine.errors import EngineError
-from engine.eval.datasets import DatasetError
+from engine.records import DatasetError
 from engine.distributed import IndexJob, RayOptions, index_collection
 from engine.index import Index
 

@@ -14,9 +14,9 @@ from conftest import image_bytes, make_image
 from engine import InputError, LaclipConfig, Retriever
 from engine.eval import (DatasetError, EvalSettings, best_ranks, evaluate, read_dataset, recalls,
                          retrieval_metrics)
-from engine.eval import features
+from engine import dataset_features as features
 from engine.eval.cli import main as eval_main
-from engine.eval.metrics import KS
+from engine.recall import KS
 from engine.preprocess import TEXT_PIPELINE
 
 ROOT = Path(__file__).resolve().parents[1]

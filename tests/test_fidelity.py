@@ -28,8 +28,8 @@ from PIL import Image
 from conftest import image_bytes, make_image
 from engine import LaclipConfig, Retriever
 from engine.eval import EvalSettings, evaluate, read_dataset
-from engine.eval.features import FeatureCache, image_features, text_features
-from engine.eval.metrics import retrieval_metrics
+from engine.dataset_features import FeatureCache, image_features, text_features
+from engine.recall import retrieval_metrics
 from engine.eval.predictions import image_to_text_path, json_id, rank, unscorable_by_cn_clip, write_predictions
 from engine.models import get_spec
 from engine.preprocess import Tokenizer, normalize_text

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.errors import CheckpointError, InputError
-from engine.eval.datasets import DatasetError
+from engine.records import DatasetError
 from engine.finetune import FinetuneConfig, TrainingError, finetune, resume
 from engine.finetune import cli as finetune_cli
 from engine.finetune.checkpoint import read_log

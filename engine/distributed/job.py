@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..errors import IndexFormatError, InputError
-from ..eval.datasets import DatasetError, Problem
 from ..features_io import FeatureFile, import_features, read_features
 from ..gallery import read_texts_jsonl
 from ..index import Index
 from ..laclip import LaclipConfig
 from ..preprocess import DEFAULT_MAX_PIXELS
+from ..records import DatasetError, Problem
 from ..retriever import Retriever
 from ..sources import Collection, SourceKind, list_collection
 from .progress import Progress

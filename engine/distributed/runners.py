@@ -9,7 +9,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 from ..errors import EngineError
-from ..eval.datasets import Problem
+from ..records import Problem
 from ..sources import ImageRef
 from .stages import Batch, EncodeStage, EncoderSpec, PrepareStage, WriteStage, ref_columns, ref_rows
 

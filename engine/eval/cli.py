@@ -7,13 +7,13 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..cli import add_laclip_arguments, laclip_from_args, report_error
+from ..cli_common import add_laclip_arguments, laclip_from_args, report_error
+from ..dataset_features import DEFAULT_CACHE_DIR
 from ..errors import EngineError
 from ..laclip import LaclipConfig
 from ..models import available_models
+from ..recall import KS, Metrics
 from .evaluate import EvalReport, EvalSettings, evaluate
-from .features import DEFAULT_CACHE_DIR
-from .metrics import KS, Metrics
 from .predictions import unscorable_by_cn_clip, write_predictions
 
 

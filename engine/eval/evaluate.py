@@ -9,12 +9,12 @@ from typing import Any
 import numpy as np
 
 from .. import scoring
+from ..dataset_features import DEFAULT_CACHE_DIR, FeatureCache, ImageFeatures, image_features, text_features
+from ..datasets import Dataset, DatasetError, Layout, Problem, check_images, read_dataset
 from ..errors import InputError
 from ..laclip import LaclipConfig
+from ..recall import Metrics, retrieval_metrics
 from ..retriever import Retriever
-from .datasets import Dataset, DatasetError, Layout, Problem, check_images, read_dataset
-from .features import DEFAULT_CACHE_DIR, FeatureCache, ImageFeatures, image_features, text_features
-from .metrics import Metrics, retrieval_metrics
 from .predictions import Rankings, rank
 
 

@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from ..index import topk_rows
-from .metrics import KS
+from ..recall import KS
 
 TOP_K = max(KS)  # cn_clip's scorer reads exactly 10 predictions per query
 

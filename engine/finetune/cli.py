@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from ..cli import report_error
+from ..cli_common import report_error
 from ..errors import EngineError
 from ..laclip import LaclipConfig
 from ..models import available_models

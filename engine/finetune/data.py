@@ -1,4 +1,5 @@
-"""Training pairs: a split read through engine.eval's reader, a seeded batch plan, and the pixel loader.
+"""Training pairs: a split read through engine.datasets (evaluation's reader too), a seeded batch plan, and the
+pixel loader.
 
 Each epoch visits every usable text once (a seeded permutation) and pairs it with one of its images drawn at
 random, so a text with several images and an image with several texts are both covered. The plan is a pure
@@ -15,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from ..errors import ImageDecodeError, InputError
-from ..eval.datasets import Dataset, DatasetError, ImageRecord, Problem, TextRecord, read_dataset, undecodable
+from ..datasets import Dataset, DatasetError, ImageRecord, Problem, TextRecord, read_dataset, undecodable
 from ..preprocess import DEFAULT_MAX_PIXELS, ImageTransform, Tokenizer
 
 

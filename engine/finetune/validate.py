@@ -1,4 +1,4 @@
-"""Validation of the weights being trained, through engine.eval's own feature and metric code.
+"""Validation of the weights being trained, through the feature and metric code engine.eval uses.
 
 The live model is wrapped in a Retriever (no checkpoint written), so the figures are those `python -m engine.eval`
 reports for the same weights: same preprocessing, same scoring (global and LACLIP), same Recall@K and MR.
@@ -11,10 +11,10 @@ import torch
 
 from .. import scoring
 from ..backends import TorchEncoder
-from ..eval.datasets import Dataset
-from ..eval.features import FeatureCache, image_features, text_features
-from ..eval.metrics import Metrics, retrieval_metrics
+from ..dataset_features import FeatureCache, image_features, text_features
+from ..datasets import Dataset
 from ..laclip import LaclipConfig
+from ..recall import Metrics, retrieval_metrics
 from ..retriever import ModelIdentity, Retriever
 
 

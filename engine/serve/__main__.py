@@ -13,7 +13,7 @@ from typing import Sequence
 
 from ..backends.torch_backend import PRECISIONS
 from ..batcher import BatcherConfig
-from ..cli import add_laclip_arguments, laclip_from_args
+from ..cli_common import add_laclip_arguments, laclip_from_args
 from ..errors import EngineError
 from ..models import available_models
 from ..preprocess import DEFAULT_MAX_PIXELS
