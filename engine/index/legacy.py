@@ -14,7 +14,8 @@ import numpy as np
 
 from ..errors import IndexFormatError
 from ..laclip import LaclipConfig
-from .core import COMMIT, DELETES, LEGACY_CURRENT, SEGMENTS, Index
+from .commit import COMMIT, DELETES, LEGACY_CURRENT, SEGMENTS
+from .core import Index
 from .manifest import IndexManifest
 from .rows import ImageRows, check_image_rows
 from .segment import PartSource, build_segment

@@ -23,7 +23,7 @@ from ..laclip import ScoreConfig
 from .ann import Candidates, build_hnsw, build_ivf
 from .manifest import AnnConfig, IndexManifest
 from .rows import CheckedRows, decode_payload
-from .storage import Rows, fsync_dir, read_container, verify_container, write_container
+from .storage import RowStream, fsync_dir, read_container, verify_container, write_container
 
 log = logging.getLogger(__name__)
 SEGMENT_SUFFIX = ".seg"
@@ -49,15 +49,15 @@ class PartSource:
 
     kind: str
     ids: list[Id]
-    vectors: Rows
-    crops: Rows | None
+    vectors: RowStream
+    crops: RowStream | None
     payloads: list[bytes]
     thumbnails: list[bytes] | None
 
     @classmethod
     def of(cls, rows: CheckedRows, dtype: str) -> "PartSource":
-        crops = Rows.of(rows.crops, dtype) if rows.crops is not None else None
-        return cls(rows.kind, rows.ids, Rows.of(rows.vectors, dtype), crops, rows.payloads, rows.thumbnails)
+        crops = RowStream.of(rows.crops, dtype) if rows.crops is not None else None
+        return cls(rows.kind, rows.ids, RowStream.of(rows.vectors, dtype), crops, rows.payloads, rows.thumbnails)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -252,12 +252,13 @@ def new_segment_name() -> str:
 def build_segment(sources: list[PartSource], manifest: IndexManifest, *, directory: Path | None,
                   build_ann: bool | None = None) -> Segment:
     """Write the parts as one segment file under `directory` (fsynced, renamed into place), or keep it in memory
-    when `directory` is None. ANN structures are built for parts of at least `manifest.ann.min_rows` rows."""
+    when `directory` is None. ANN structures are built for parts of at least `manifest.ann.min_rows` rows, in
+    memory as on disk."""
     columns: dict[str, Any] = {}
     meta: dict[str, Any] = {"format_version": manifest.format_version, "identity": manifest.identity(), "parts": {}}
     for source in sources:
         wants_ann = build_ann if build_ann is not None else len(source) >= manifest.ann.min_rows
-        part_cols, part_meta = part_columns(source, manifest.ann, wants_ann and directory is not None)
+        part_cols, part_meta = part_columns(source, manifest.ann, wants_ann)
         columns.update({f"{source.kind}.{name}": value for name, value in part_cols.items()})
         meta["parts"][source.kind] = part_meta
     name = new_segment_name()
@@ -277,6 +278,6 @@ def build_segment(sources: list[PartSource], manifest: IndexManifest, *, directo
     return Segment.open(final)
 
 
-def _materialise(rows: Rows) -> np.ndarray:
+def _materialise(rows: RowStream) -> np.ndarray:
     chunks = list(rows.chunks())
     return np.concatenate(chunks) if chunks else np.zeros(rows.shape, rows.dtype)

@@ -26,7 +26,7 @@ _CHUNK_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
-class Rows:
+class RowStream:
     """Rows of one or more arrays, concatenated, taken in `order` (all of them in turn when None), cast to `dtype`.
 
     Lets a writer stream gathered, reordered or down-cast rows (compaction, IVF order, fp16 storage) in chunks
@@ -37,7 +37,7 @@ class Rows:
     order: np.ndarray | None = None
 
     @classmethod
-    def of(cls, array: np.ndarray, dtype: Any = None, order: np.ndarray | None = None) -> "Rows":
+    def of(cls, array: np.ndarray, dtype: Any = None, order: np.ndarray | None = None) -> "RowStream":
         return cls([(array, None)], np.dtype(dtype or array.dtype), order)
 
     @property
@@ -73,6 +73,9 @@ class Rows:
             yield self.take(positions)
 
 
+Rows = RowStream  # the earlier name, still imported by engine/index/ann.py (issue #30's file)
+
+
 def _gather(array: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """array[rows], reading a contiguous slice when the rows are consecutive (memory-mapped sources)."""
     if len(rows) and rows[-1] - rows[0] == len(rows) - 1 and np.all(np.diff(rows) == 1):
@@ -80,9 +83,9 @@ def _gather(array: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return array[rows]
 
 
-def write_container(path: Path, columns: dict[str, np.ndarray | Rows], meta: dict[str, Any]) -> None:
+def write_container(path: Path, columns: dict[str, np.ndarray | RowStream], meta: dict[str, Any]) -> None:
     """Write a container file and fsync it (the caller renames it into place and fsyncs the folder)."""
-    sources = {name: value if isinstance(value, Rows) else Rows.of(np.asarray(value))
+    sources = {name: value if isinstance(value, RowStream) else RowStream.of(np.asarray(value))
                for name, value in columns.items()}
     layout, offset = {}, 0
     for name, rows in sources.items():

@@ -1,0 +1,40 @@
+"""Garbage collection of index files: what a commit retired (removed by the *next* commit, so a reader of the
+previous one keeps working) and what crashed writes left behind."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from .commit import DELETES, SEGMENTS
+from .segment import SEGMENT_SUFFIX
+
+log = logging.getLogger(__name__)
+STALE_SECONDS = 3600  # unpublished segments younger than this may be a parallel writer's (write_segment)
+
+
+def remove_retired(root: Path, relative: list[str]) -> None:
+    """Remove files a previous commit retired (paths relative to the index root); failures are only logged."""
+    for rel in relative:
+        try:
+            (root / rel).unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("could not remove retired index file %s: %s", rel, exc)
+
+
+def sweep(root: Path, segments: set[str], delete_files: set[str], pending: set[str]) -> None:
+    """Remove unreferenced delete files, stale temporaries and segments never published (older than an hour).
+    `segments`: live segment names; `delete_files`: live delete file names; `pending`: retired, not yet removed."""
+    referenced = {f"{name}{SEGMENT_SUFFIX}" for name in segments}
+    now = time.time()
+    for path in (root / SEGMENTS).iterdir():
+        stale = now - path.stat().st_mtime > STALE_SECONDS
+        if path.name not in referenced and f"{SEGMENTS}/{path.name}" not in pending and stale:
+            path.unlink(missing_ok=True)
+    for path in (root / DELETES).iterdir():
+        if path.name not in delete_files and f"{DELETES}/{path.name}" not in pending:
+            path.unlink(missing_ok=True)
+
+
+def disk_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())

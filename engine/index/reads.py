@@ -1,0 +1,132 @@
+"""What an Index answers without writing: lookups by id, stored rows, stats, checksums, and top-k searches, all
+over the current immutable Snapshot (so they run from many threads while one writer works)."""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import IndexFormatError, InputError
+from ..ids import Id, check_id, id_key
+from ..laclip import ScoreConfig
+from .directory import Directory
+from .manifest import IndexManifest
+from .search import Found, ImageScorer, Placement, TextScorer, search
+from .snapshot import Snapshot
+
+
+class IndexReads:
+    """The read side of `Index` (engine.index.core): it holds `_snapshot`, `_dir` and `place`."""
+
+    _snapshot: Snapshot
+    _dir: Directory
+    place: Placement
+
+    @property
+    def directory(self) -> Path | None:
+        """The directory every write goes through to, or None for an in-memory index."""
+        return self._dir.path
+
+    @property
+    def manifest(self) -> IndexManifest:
+        return self._snapshot.manifest
+
+    @manifest.setter
+    def manifest(self, manifest: IndexManifest) -> None:
+        """Change the default scoring or ANN search settings (the identity must stay the same)."""
+        if manifest.identity() != self.manifest.identity():
+            raise IndexFormatError("a manifest with another identity cannot replace this index's")
+        self._snapshot = replace(self._snapshot, manifest=manifest)
+
+    def snapshot(self) -> Snapshot:
+        """The current immutable view (searches and readers use it; writers publish a new one)."""
+        return self._snapshot
+
+    @property
+    def has_crops(self) -> bool:
+        return self.manifest.laclip is not None
+
+    @property
+    def image_ids(self) -> list[Id]:
+        """Live image ids in index order (reads every id)."""
+        return self._snapshot.ids("images")
+
+    @property
+    def text_ids(self) -> list[Id]:
+        """Live text ids in index order (reads every id)."""
+        return self._snapshot.ids("texts")
+
+    def array(self, name: str) -> np.ndarray:
+        """Live rows of image_global / image_crops / text_emb as float32 (materialised)."""
+        return self._snapshot.array(name)
+
+    def has_image(self, item: Id) -> bool:
+        return self._snapshot.contains("images", id_key(check_id(item)))
+
+    def has_text(self, item: Id) -> bool:
+        return self._snapshot.contains("texts", id_key(check_id(item)))
+
+    def payload(self, kind: str, item: Id) -> dict[str, Any] | None:
+        snap, (position, row) = self._snapshot, self._locate(kind, item)
+        return snap.part_at(kind, position).payload(row)
+
+    def thumbnail(self, item: Id) -> bytes | None:
+        snap, (position, row) = self._snapshot, self._locate("images", item)
+        return snap.part_at("images", position).thumbnail(row)
+
+    def vector(self, kind: str, item: Id) -> tuple[np.ndarray, np.ndarray | None]:
+        """The stored (vector, crops) of one row, as float32."""
+        snap, (position, row) = self._snapshot, self._locate(kind, item)
+        part = snap.part_at(kind, position)
+        crops = np.asarray(part.crops[row], np.float32) if part.crops is not None else None
+        return np.asarray(part.vectors[row], np.float32), crops
+
+    def _locate(self, kind: str, item: Id) -> tuple[int, int]:
+        found = self._snapshot.locate(kind, id_key(check_id(item)))
+        if found is None:
+            raise InputError(f"unknown {kind[:-1]} id {item!r}")
+        return found
+
+    def stats(self) -> dict[str, Any]:
+        """Counts, segments, deleted rows, bytes on disk, ANN state."""
+        stats = self._snapshot.stats()
+        stats["directory"] = str(self._dir.path) if self._dir.path else None
+        stats["bytes_on_disk"] = self._dir.bytes_on_disk()
+        stats["device"] = str(self.place.device)
+        return stats
+
+    def verify(self) -> None:
+        """Read every segment in full and check its checksums (opening checks only structure)."""
+        for live in self._snapshot.segments:
+            live.segment.verify()
+
+    # ---- search -------------------------------------------------------------------------------------------
+
+    def search_images(self, t: np.ndarray, k: int, *, score: ScoreConfig | None, exact: bool = False,
+                      snapshot: Snapshot | None = None) -> list[Found]:
+        """Top-k images per text query t [Q, D]; score None (or alpha = 1) is plain CLIP."""
+        snap = snapshot or self._snapshot
+        scorer = ImageScorer(np.ascontiguousarray(t, np.float32), self._effective(score))
+        return search(snap, scorer, k, exact=exact, ann=snap.manifest.ann, place=self.place)
+
+    def search_texts(self, g: np.ndarray, c: np.ndarray | None, k: int, *, score: ScoreConfig | None,
+                     exact: bool = False, snapshot: Snapshot | None = None) -> list[Found]:
+        """Top-k texts per query image (global g [Q, D], crops c [Q, K, D] or None)."""
+        snap = snapshot or self._snapshot
+        score = self._effective(score)
+        if score is not None and (c is None or np.ndim(c) != 3 or len(c) != len(g) or np.shape(c)[2] != g.shape[1]):
+            got = "none" if c is None else list(np.shape(c))
+            raise InputError(f"LACLIP scoring of image queries needs crop embeddings [{len(g)}, K, {g.shape[1]}], "
+                             f"got {got}")
+        scorer = TextScorer(np.ascontiguousarray(g, np.float32),
+                            np.ascontiguousarray(c, np.float32) if score is not None else None, score)
+        return search(snap, scorer, k, exact=exact, ann=snap.manifest.ann, place=self.place)
+
+    def _effective(self, score: ScoreConfig | None) -> ScoreConfig | None:
+        if score is None or score.plain:
+            return None
+        if not self.has_crops:
+            raise InputError("this index has no LACLIP crops: only plain CLIP scoring (alpha = 1) is possible")
+        return score
