@@ -394,3 +394,20 @@ def test_cuda_scoring_matches_the_host(tmp_path, score):
     for a, b in zip(cpu.search_images(t, 10, score=score), gpu.search_images(t, 10, score=score)):
         assert np.allclose(a.scores, b.scores, atol=2e-3)
     assert gpu.stats()["device"] == "cuda"
+
+
+def test_in_memory_and_on_disk_indexes_build_the_same_ann_structures(tmp_path):
+    """One directory object decides where files go; whether a segment gets ANN does not depend on it."""
+    pytest.importorskip("faiss")
+    manifest = _manifest(None, ann=AnnConfig(kind="hnsw", min_rows=50, exact_below=0))
+    g = _unit(120, D, seed=3)
+    memory, disk = Index(manifest), Index.create(tmp_path / "idx", manifest)
+    for index in (memory, disk):
+        index.add_images(list(range(120)), g)
+    assert memory.stats()["ann"] == disk.stats()["ann"]
+    assert memory.stats()["ann"]["images"]["segments_with_ann"] == 1
+    assert memory.stats()["bytes_on_disk"] == 0 and memory.directory is None
+    t = _unit(3, D, seed=4)
+    found = [index.search_images(t, 5, score=None) for index in (memory, disk)]
+    for a, b in zip(*found):
+        assert list(a.rows) == list(b.rows)
