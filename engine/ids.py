@@ -3,10 +3,15 @@
 An id is a str of 1..256 characters that is valid Unicode text (encodable as UTF-8, so no lone surrogates)
 without control characters (Unicode category Cc), or an int (not bool) in the int64 range. Two ids are the
 same id when `str(a) == str(b)`: `3` and `"3"` are one id (`id_key` gives that canonical key).
+
+Default ids (`default_ids`): an image given by a file name or path has its file stem (for a folder, the path
+relative to it without suffix: engine.gallery's folder-id rule), anything else an integer counting on from the
+largest int id the index has held.
 """
 from __future__ import annotations
 
 import unicodedata
+from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence, Union
 
 from .errors import InputError
@@ -66,6 +71,20 @@ def check_ids(ids: Sequence[Any], existing: Iterable[Id] | Callable[[str], bool]
             raise InputError(f"id #{position}: duplicate id {checked!r}")
         seen.add(key)
         out.append(checked)
+    return out
+
+
+def default_ids(items: Sequence[Any], what: str, first_counter: int) -> list[Id]:
+    """Ids for new `what` ("images" or "texts") given none: an image's file stem when the item is a file name or
+    path (str or Path), else `first_counter`, `first_counter + 1`, ... in order."""
+    counter = first_counter
+    out: list[Id] = []
+    for item in items:
+        if what == "images" and isinstance(item, (str, Path)) and str(item):
+            out.append(Path(item).stem)
+        else:
+            out.append(counter)
+            counter += 1
     return out
 
 

@@ -1,29 +1,35 @@
 """`Retriever`: the Python API everything else (CLI, HTTP server, evaluation) is built on.
 
-Every query runs the same stages: prepare (decode, crop, tokenize) -> encode (a tower) -> score over one
-immutable index snapshot (engine.index) -> hits (id, score, payload). `search_*_embeddings` are the last two
-stages on their own, for callers with their own encoder (the server's batchers, evaluation, imports).
+Every call runs the same stages, each a public method so the server can put its batchers around the encoder:
+prepare (`prepare_images`: decode, views, thumbnails; `prepare_texts`: normalise, tokenize) -> encode
+(`encode_views`, `encode_tokens`: a tower) -> add (`store_images` / `store_texts`: ids, the one payload rule, one
+durable write) or score over one immutable index snapshot (`search_*_embeddings`) -> hits (id, score, payload).
+
+Adds store through one payload rule (engine.payloads) and one id rule (engine.ids, with defaults from file
+names); the server, the CLI and Ray jobs store through the same methods. The module is longer than ~400 lines
+because the Retriever's stages are its methods: one class, a section per stage.
 """
 from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, NamedTuple, Sequence, Union
+from typing import Any, Iterator, NamedTuple, Sequence, Union
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from .backends import Encoder, TorchEncoder
+from .backends.export_reader import BACKENDS
 from .errors import IndexFormatError, InputError
-from .ids import Id, check_ids, id_key
+from .ids import Id, check_ids, default_ids, id_key
 from .index import AnnConfig, Index, IndexManifest, Snapshot
 from .index.search import Found
 from .index.thumbnails import make_thumbnail
 from .laclip import LaclipConfig, ScoreConfig, crop_boxes
 from .models import load_model
+from .payloads import check_payloads, image_payloads, text_payloads
 from .preprocess import (DEFAULT_CONTEXT_LENGTH, DEFAULT_MAX_PIXELS, ImageInput, ImageTransform,
                          TokenizedTexts, Tokenizer, content_seed, load_image)
 
@@ -42,6 +48,20 @@ class ImageEmbeddings:
 
     global_: np.ndarray
     crops: np.ndarray | None
+
+    @classmethod
+    def of(cls, views: np.ndarray, crops: bool) -> "ImageEmbeddings":
+        """From per-view embeddings [n, 1 + K, D] (the global view first); `crops`: keep the K crop rows."""
+        return cls(np.ascontiguousarray(views[:, 0]), np.ascontiguousarray(views[:, 1:]) if crops else None)
+
+
+@dataclass(frozen=True)
+class PreparedImages:
+    """What the image encoder needs for a batch: normalised views [n, 1 + K, 3, R, R] float32 (the global view,
+    then the LACLIP crops), and each image's ~256 px JPEG thumbnail when they were asked for."""
+
+    views: torch.Tensor
+    thumbnails: list[bytes] | None
 
 
 @dataclass(frozen=True)
@@ -90,7 +110,7 @@ class Retriever:
         return cls(encoder, ModelIdentity(model, loaded.checkpoint_hash, path), laclip=laclip, **options)
 
     @classmethod
-    def from_export(cls, directory: str | Path, backend: str = "onnxruntime", device: str = "cpu",
+    def from_export(cls, directory: str | Path, backend: str = BACKENDS[0], device: str = "cpu",
                     laclip: LaclipConfig | None = None, *, model: str | None = None,
                     backend_options: dict | None = None, **options: Any) -> "Retriever":
         """Serve the towers of a `python -m export` directory (onnxruntime or tensorrt), same API and index identity."""
@@ -103,7 +123,7 @@ class Retriever:
 
     @classmethod
     def load(cls, directory: str | Path, checkpoint: str | Path | None = None, device: str = "cpu", *,
-             export: str | Path | None = None, backend: str = "onnxruntime", backend_options: dict | None = None,
+             export: str | Path | None = None, backend: str = BACKENDS[0], backend_options: dict | None = None,
              **options: Any) -> "Retriever":
         """Open a saved index with the model, crop and scoring settings it records, and bind to it.
 
@@ -162,21 +182,26 @@ class Retriever:
                 yield chunk
                 bar.update(len(chunk))
 
-    def tokenize(self, texts: Sequence[str]) -> TokenizedTexts:
+    # ---- prepare ------------------------------------------------------------------------------------------
+
+    def prepare_texts(self, texts: Sequence[str]) -> TokenizedTexts:
+        """cn_clip's text normalisation and tokenizer: token ids [n, context length] and truncation flags."""
         return self.tokenizer(texts)
 
-    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
-        """[n, D] float32 L2-normalised text embeddings."""
-        texts = _as_list(texts, str)
-        out = [self.encoder.encode_texts(self.tokenizer(chunk).ids) for chunk in self._batches(texts, "texts")]
-        return np.concatenate(out) if out else np.zeros((0, self.encoder.embed_dim), np.float32)
+    tokenize = prepare_texts
 
-    def pixels(self, image: ImageInput) -> torch.Tensor:
-        """[1 + K, 3, R, R] float32: the global view, then the LACLIP crops (none without LACLIP)."""
-        return self.transform.normalise(self.resized_views(image))
+    def prepare_images(self, images: Sequence[ImageInput], *, thumbnails: bool = False) -> PreparedImages:
+        """Decode each image (pixel limit), cut its views (global, then the K crops seeded by its content) and
+        normalise them; with `thumbnails`, a ~256 px JPEG of each decoded image too."""
+        decoded = [load_image(image, self.max_pixels) for image in images]
+        views = [self.transform.normalise(self.resized_views(image)) for image in decoded]
+        size = self.transform.resolution
+        stacked = torch.stack(views) if views else torch.zeros((0, self.views_per_image, 3, size, size))
+        return PreparedImages(stacked, [make_thumbnail(image) for image in decoded] if thumbnails else None)
 
     def resized_views(self, image: ImageInput) -> torch.Tensor:
-        """[1 + K, 3, R, R] uint8: the views of `pixels` before normalisation (`self.transform.normalise`)."""
+        """[1 + K, 3, R, R] uint8: the views of `prepare_images` before normalisation (`self.transform.normalise`),
+        for stages that ship uint8 (Ray)."""
         decoded = load_image(image, self.max_pixels)
         views = [self.transform.resized(decoded).unsqueeze(0)]
         if self.laclip is not None:
@@ -184,26 +209,47 @@ class Retriever:
             views.append(self.transform.resized_crops(decoded, boxes))
         return torch.cat(views)
 
-    def encode_image_views(self, images: Sequence[ImageInput],
-                           on_decoded: Callable[[Image.Image], None] | None = None) -> ImageEmbeddings:
-        """Global and crop embeddings; each decoded image's crops are seeded by its content.
+    @property
+    def views_per_image(self) -> int:
+        """1 + K: the global view plus the LACLIP crops."""
+        return 1 + (self.laclip.num_crops if self.laclip else 0)
 
-        Images are decoded one batch at a time; `on_decoded` sees each decoded image (thumbnails are made there)."""
+    # ---- encode -------------------------------------------------------------------------------------------
+
+    def encode_tokens(self, ids: torch.Tensor) -> np.ndarray:
+        """[n, D] float32 L2-normalised text embeddings of token ids [n, L] (one tower call)."""
+        return self.encoder.encode_texts(ids)
+
+    def encode_views(self, views: torch.Tensor, *, rows_per_call: int | None = None) -> np.ndarray:
+        """[n, 1 + K, D] float32 embeddings of prepared views [n, 1 + K, 3, R, R], `rows_per_call` views per
+        tower call (default: the batch size)."""
+        n, per = views.shape[:2]
+        flat = views.reshape(n * per, *views.shape[2:])
+        step = rows_per_call or self.batch_size
+        rows = [self.encoder.encode_images(flat[i:i + step]) for i in range(0, len(flat), step)]
+        out = np.concatenate(rows) if rows else np.zeros((0, self.encoder.embed_dim), np.float32)
+        return out.reshape(n, per, self.encoder.embed_dim)
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """[n, D] float32 L2-normalised text embeddings."""
+        texts = _as_list(texts, str)
+        out = [self.encode_tokens(self.prepare_texts(chunk).ids) for chunk in self._batches(texts, "texts")]
+        return np.concatenate(out) if out else np.zeros((0, self.encoder.embed_dim), np.float32)
+
+    def encode_image_views(self, images: Sequence[ImageInput], *,
+                           thumbnails: list[bytes] | None = None) -> ImageEmbeddings:
+        """Global and crop embeddings; each decoded image's crops are seeded by its content. Images are prepared
+        one batch at a time; `thumbnails`, when given, receives each image's thumbnail."""
         images = _as_list(images, None)
-        views = 1 + (self.laclip.num_crops if self.laclip else 0)
-        rows: list[np.ndarray] = []
+        grouped = []
         for chunk in self._batches(images, "images"):
-            decoded = [load_image(image, self.max_pixels) for image in chunk]
-            if on_decoded is not None:
-                for image in decoded:
-                    on_decoded(image)
-            stacked = torch.cat([self.pixels(image) for image in decoded])
-            rows.extend(self.encoder.encode_images(stacked[i:i + self.batch_size])
-                        for i in range(0, len(stacked), self.batch_size))
-        flat = np.concatenate(rows) if rows else np.zeros((0, self.encoder.embed_dim), np.float32)
-        grouped = flat.reshape(len(images), views, self.encoder.embed_dim)
-        crops = np.ascontiguousarray(grouped[:, 1:]) if self.laclip else None
-        return ImageEmbeddings(np.ascontiguousarray(grouped[:, 0]), crops)
+            prepared = self.prepare_images(chunk, thumbnails=thumbnails is not None)
+            if thumbnails is not None:
+                thumbnails.extend(prepared.thumbnails)
+            grouped.append(self.encode_views(prepared.views))
+        views = np.concatenate(grouped) if grouped else np.zeros((0, self.views_per_image, self.encoder.embed_dim),
+                                                                 np.float32)
+        return ImageEmbeddings.of(views, self.laclip is not None)
 
     def encode_images(self, images: Sequence[ImageInput]) -> np.ndarray:
         """[n, D] float32 L2-normalised global image embeddings (no crops are encoded)."""
@@ -217,26 +263,40 @@ class Retriever:
 
     def add_images(self, images: Sequence[ImageInput], ids: Sequence[Id] | None = None,
                    payloads: Sequence[dict | None] | None = None) -> list[Id]:
-        """Encode and index images (all or nothing). Ids default to file stems for paths, counters otherwise.
-        Each payload gets "source" (the file name of a path input) under the caller's keys; a ~256 px JPEG
-        thumbnail is made from the decoded image and stored with it."""
+        """Encode and index images (all or nothing). Ids default to file stems for paths, counters otherwise;
+        payloads follow the module's payload rule; a ~256 px JPEG thumbnail is stored with each image."""
         images = _as_list(images, None)
-        ids = self.new_ids(images, ids, "images")
-        user = _user_payloads(payloads, len(images))
+        names = [Path(item).name if isinstance(item, (str, Path)) else None for item in images]
+        ids = self.new_ids(names, ids, "images")
+        payloads = check_payloads(payloads, len(images))
         thumbs: list[bytes] = []
-        emb = self.encode_image_views(images, on_decoded=lambda image: thumbs.append(make_thumbnail(image)))
-        merged = [{**({"source": Path(item).name} if isinstance(item, (str, Path)) else {}), **(extra or {})} or None
-                  for item, extra in zip(images, user)]
-        return self.index.add_images(ids, emb.global_, emb.crops, merged, thumbs)
+        emb = self.encode_image_views(images, thumbnails=thumbs)
+        return self.store_images(emb, names, ids, payloads, thumbs)
 
     def add_texts(self, texts: Sequence[str], ids: Sequence[Id] | None = None,
                   payloads: Sequence[dict | None] | None = None) -> list[Id]:
-        """Encode and index texts (all or nothing); ids default to counters; payloads get "text"."""
+        """Encode and index texts (all or nothing); ids default to counters; each payload's "text" is the text."""
         texts = _as_list(texts, str)
         ids = self.new_ids(texts, ids, "texts")
-        user = _user_payloads(payloads, len(texts))
-        merged = [{"text": text, **(extra or {})} for text, extra in zip(texts, user)]
-        return self.index.add_texts(ids, self.encode_texts(texts), merged)
+        payloads = check_payloads(payloads, len(texts))
+        return self.store_texts(texts, self.encode_texts(texts), ids, payloads)
+
+    # ---- add (the last stage of add_images / add_texts, and what the server's writer runs) ------------------
+
+    def store_images(self, emb: ImageEmbeddings, names: Sequence[str | None], ids: Sequence[Id] | None = None,
+                     payloads: Sequence[dict | None] | None = None,
+                     thumbnails: Sequence[bytes | None] | None = None) -> list[Id]:
+        """Index encoded images durably. `names`: each image's file name (its payload "source" and default id
+        stem) or None; ids default as `new_ids` gives them (taken here, so a caller holding its write lock gets
+        counters no other write takes)."""
+        ids = self.new_ids(names, ids, "images")
+        return self.index.add_images(ids, emb.global_, emb.crops, image_payloads(names, payloads), thumbnails)
+
+    def store_texts(self, texts: Sequence[str], embeddings: np.ndarray, ids: Sequence[Id] | None = None,
+                    payloads: Sequence[dict | None] | None = None) -> list[Id]:
+        """Index encoded texts durably, each payload carrying its text under "text"."""
+        ids = self.new_ids(texts, ids, "texts")
+        return self.index.add_texts(ids, embeddings, text_payloads(texts, payloads))
 
     def add_image_embeddings(self, ids: Sequence[Id], global_: np.ndarray, crops: np.ndarray | None = None,
                              payloads: Sequence[dict | None] | None = None,
@@ -277,15 +337,15 @@ class Retriever:
         return self.index.payload("texts", item)
 
     def new_ids(self, items: Sequence, given: Sequence[Id] | None, what: str) -> list[Id]:
-        """Validated ids for new `what` ("images" or "texts"): `given`, or defaults (image file stems, else
-        counters on from the largest int id). A caller that adds later should hold its write lock meanwhile."""
+        """Validated ids for new `what` ("images" or "texts"): `given`, or defaults (for images, the stem of each
+        item that is a file name or path; else counters on from the largest int id). A caller that adds later
+        should hold its write lock meanwhile."""
         snap = self.index.snapshot()
-        ids = given if given is not None else _default_ids(items, snap, what)
+        ids = given if given is not None else default_ids(items, what, 1 + snap.max_int_id(what))
         checked = check_ids(ids, lambda key: snap.contains(what, key))
         if len(checked) != len(items):
             raise InputError(f"{len(checked)} ids given for {len(items)} {what}")
         return checked
-
 
     # ---- search ---------------------------------------------------------------------------------------------
 
@@ -341,8 +401,15 @@ class Retriever:
         if isinstance(id_or_image, int) and not isinstance(id_or_image, bool):
             raise InputError(f"unknown image id {id_or_image!r}")
         check_k(k, snap.live("images"), "images")
-        vector = self.encode_images([id_or_image])
-        return to_hits(self.index.search_images(vector, k, score=None, exact=exact, snapshot=snap), snap, "images")[0]
+        return self.search_similar_embeddings(self.encode_images([id_or_image]), k, exact=exact)[0]
+
+    def search_similar_embeddings(self, global_: np.ndarray, k: int = 10, *, exact: bool = False) -> list[list[Hit]]:
+        """Top-k images for each query image's global vector [Q, D]: plain CLIP (global vectors alone) whatever
+        the scoring settings, as image -> image compares like with like."""
+        g = _query_vectors(global_, self.encoder.embed_dim, "image vectors")
+        snap = self.index.snapshot()
+        check_k(k, snap.live("images"), "images")
+        return to_hits(self.index.search_images(g, k, score=None, exact=exact, snapshot=snap), snap, "images")
 
     def _score(self, score: ScoreConfig | LaclipConfig | None) -> ScoreConfig | None:
         """The scoring for one call: `score`, else the retriever's own (None: plain CLIP)."""
@@ -359,30 +426,6 @@ def check_k(k: int, size: int, what: str) -> None:
         raise InputError(f"the index holds no {what}; add some first")
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= size:
         raise InputError(f"k must be an int in 1..{size} (indexed {what}), got {k!r}")
-
-
-def _default_ids(items: Sequence, snap: Snapshot, what: str) -> list[Id]:
-    """File stems for image paths, else integers counting on from the largest int id ever used in the index."""
-    counter = 1 + snap.max_int_id(what)
-    out: list[Id] = []
-    for item in items:
-        if what == "images" and isinstance(item, (str, Path)):
-            out.append(Path(item).stem)
-        else:
-            out.append(counter)
-            counter += 1
-    return out
-
-
-def _user_payloads(payloads: Sequence[dict | None] | None, n: int) -> list[dict | None]:
-    if payloads is None:
-        return [None] * n
-    if isinstance(payloads, (dict, str, bytes)) or not hasattr(payloads, "__len__") or len(payloads) != n:
-        raise InputError(f"payloads must be a list of {n} dicts (or None), one per item")
-    for position, payload in enumerate(payloads):
-        if payload is not None and not isinstance(payload, dict):
-            raise InputError(f"payload #{position} must be a dict, got {type(payload).__name__}")
-    return list(payloads)
 
 
 def _query_vectors(vectors: Any, dim: int, what: str) -> np.ndarray:

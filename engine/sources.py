@@ -6,15 +6,14 @@ are, its payload). The bytes are read later, in the prepare stage (a Ray task or
 an unreadable file is reported there. Every bad record becomes a `Problem` naming the file, tar member or
 TSV line; nothing is dropped without being reported.
 
-Ids: a folder's image `cats/001.jpg` has id `"cats/001"` (its path relative to the folder, without the
-suffix; directly inside the folder that is the file stem, as `--gallery` gives); a list file's line
+Ids: a folder's images follow engine.gallery's folder-id rule (`cats/001.jpg` has id `"cats/001"`, a file
+directly inside the folder its stem; `--gallery` gives the same); a list file's line
 `path` has the file stem (or the id after a tab: `path<TAB>id`); a TSV row its first column; a tar
 sample its WebDataset key (`dir/name` before the first dot of the member name).
 """
 from __future__ import annotations
 
 import json
-import os
 import re
 import tarfile
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 from .errors import ImageDecodeError, InputError
-from .gallery import IMAGE_SUFFIXES
+from .gallery import IMAGE_SUFFIXES, folder_images
 from .records import DatasetError, ImageRecord, Problem
 from .records import read_tsv as read_tsv_rows
 
@@ -139,26 +138,13 @@ def _detect(path: Path) -> str:
     return "list"
 
 
-def _natural(part: str) -> tuple:
-    return (0, int(part), part) if part.isdigit() else (1, 0, part)
-
-
 def _list_folder(folder: Path) -> Collection:
-    """Image files under `folder` at any depth (hidden files and folders skipped), in natural order."""
-    found: list[Path] = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        found.extend(Path(root, f) for f in files
-                     if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES)
+    """Image files under `folder` by engine.gallery's folder-id rule (recursive, hidden skipped, natural order)."""
+    found = folder_images(folder)
     if not found and any(folder.glob("*.tar")):
         raise InputError(f"{folder} holds .tar shards but no images: pass the shards (e.g. {folder}/*.tar)")
-    keyed = sorted(found, key=lambda p: [_natural(x) for x in p.relative_to(folder).with_suffix("").parts]
-                   + [(1, 0, p.suffix)])
-    images = []
-    for path in keyed:
-        relative = path.relative_to(folder)
-        images.append(ImageRef(relative.with_suffix("").as_posix(), str(path), str(path),
-                               payload={"source": relative.as_posix()}))
+    images = [ImageRef(image_id, str(path), str(path), payload={"source": path.relative_to(folder).as_posix()})
+              for image_id, path in found]
     return Collection(images, [])
 
 

@@ -3,7 +3,7 @@ hostile JSON bodies, unbounded metric labels, stalled uploads and headers, the c
 body, one error shape everywhere (keep-alive kept), the OpenAPI error documentation and offline docs.
 
 The core here is a stand-in that answers fixed hits (no model): these tests are about the HTTP layer; the
-real core is exercised through the same routes in test_serve.py and test_serve_api.py."""
+real core is exercised through the same routes in test_serve_main.py and test_serve_routes.py."""
 from __future__ import annotations
 
 import http.client
@@ -23,7 +23,7 @@ uvicorn = pytest.importorskip("uvicorn")
 from engine.errors import InputError  # noqa: E402
 from engine.ids import check_ids  # noqa: E402
 from engine.serve.app import HttpLimits, create_app  # noqa: E402
-from engine.serve.core import TextResult  # noqa: E402
+from engine.serve.core import TextQueryResult  # noqa: E402
 from engine.serve.guards import AccessPolicy, guarded_h11  # noqa: E402
 from engine.serve.launcher import free_port  # noqa: E402
 from engine.serve.metrics import ServerMetrics  # noqa: E402
@@ -64,12 +64,12 @@ class ScriptedCore:
     def _hits(self, k: int) -> list:
         return [SimpleNamespace(id=i, score=1.0 - i / 10, payload={"source": f"{i}.png"}) for i in range(min(k, 3))]
 
-    async def search_images(self, queries, k, settings=None, exact=False) -> TextResult:
+    async def search_images(self, queries, k, settings=None, exact=False) -> TextQueryResult:
         if "boom" in queries:
             raise RuntimeError("a bug")
         if any(not q.strip() for q in queries):
             raise InputError("empty query")
-        return TextResult([self._hits(k) for _ in queries], [False] * len(queries))
+        return TextQueryResult([self._hits(k) for _ in queries], [False] * len(queries))
 
     async def search_texts(self, upload, k, settings=None, exact=False) -> list:
         return self._hits(k)
@@ -77,8 +77,8 @@ class ScriptedCore:
     async def search_similar(self, item_id, upload, k, exact=False) -> list:
         return self._hits(k)
 
-    async def encode_text(self, texts) -> TextResult:
-        return TextResult([np.zeros(4, np.float32) for _ in texts], [False] * len(texts))
+    async def encode_text(self, texts) -> TextQueryResult:
+        return TextQueryResult([np.zeros(4, np.float32) for _ in texts], [False] * len(texts))
 
     async def encode_image(self, upload):
         return np.zeros(4, np.float32), None

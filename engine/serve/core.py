@@ -1,11 +1,11 @@
 """The server core: a Retriever behind one dynamic batcher per tower, a preprocessing pool and one writer.
 
-The server runs the Retriever's own stages (prepare -> encode -> score -> hits) and adds only batching:
-texts are tokenized and images decoded and cut into views in the pool, their rows batched into one tower
-call (searches and index adds alike, so no tower is ever called from two threads), then scored by the
-Retriever's `search_*_embeddings` over its immutable snapshot. Adds and deletes run one at a time in the
-writer thread through `add_*_embeddings` / `delete_*`, which write through to the index directory before
-returning: a write that fails changes nothing, and searches see a write only once it is durable.
+The server runs the Retriever's own stages and adds only batching: `prepare_texts` / `prepare_images` run in the
+pool, the batchers call `encode_tokens` / `encode_views` on their batched rows (searches and index adds alike, so
+no tower is ever called from two threads), then the Retriever's `search_*_embeddings` score over its immutable
+snapshot, or its `store_images` / `store_texts` (ids, the one payload rule) and `delete_*` run one at a time in
+the writer thread and write through to the index directory before returning: a write that fails changes nothing,
+and searches see a write only once it is durable.
 No HTTP here: engine.serve.app maps errors to status codes.
 """
 from __future__ import annotations
@@ -23,18 +23,17 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..backends.export_reader import BACKENDS
 from ..batcher import Batcher, BatcherConfig
 from ..errors import InputError
-from ..gallery import list_images, read_texts_jsonl
+from ..gallery import folder_images, read_texts_jsonl
 from ..ids import Id, check_id, check_ids, id_key
-from ..index.thumbnails import make_thumbnail
-from ..laclip import LaclipConfig, ScoreConfig
-from ..preprocess import DEFAULT_MAX_PIXELS, load_image
-from ..retriever import Hit, Retriever
+from ..laclip import LaclipConfig
+from ..preprocess import DEFAULT_MAX_PIXELS
+from ..retriever import Hit, ImageEmbeddings, PreparedImages, Retriever
 from .errors import IndexWriteError, NotFound, NotReady
 
 log = logging.getLogger("engine.serve")
-PLAIN = ScoreConfig(alpha=1.0)
 
 
 @dataclass(frozen=True)
@@ -45,7 +44,7 @@ class ServeConfig:
     checkpoint: str | None = None
     random_weights: bool = False
     export_dir: Path | None = None  # serve the towers of a `python -m export` directory instead of PyTorch
-    backend: str = "onnxruntime"
+    backend: str = BACKENDS[0]  # onnxruntime
     index_dir: Path | None = None  # None: in memory only (--in-memory)
     gallery: Path | None = None
     texts: Path | None = None
@@ -59,8 +58,8 @@ class ServeConfig:
 
 
 @dataclass(frozen=True)
-class TextResult:
-    """Search hits (or embeddings) for each query, and whether the tokenizer truncated it."""
+class TextQueryResult:
+    """One value per text query (its image hits, or its embedding) and whether the tokenizer truncated it."""
 
     values: list[Any]
     truncated: list[bool]
@@ -90,12 +89,13 @@ def build_retriever(config: ServeConfig) -> Retriever:
 
 
 def index_gallery(retriever: Retriever, gallery: Path, texts: Path | None) -> None:
-    """Add the folder's images (ids = file stems) and the JSON-lines texts not yet in the index."""
+    """Add the folder's images (ids by engine.gallery's folder-id rule) and the JSON-lines texts not yet in the
+    index."""
     index = retriever.index
-    images = [p for p in list_images(gallery) if not index.has_image(p.stem)]
+    images = [(i, p) for i, p in folder_images(gallery) if not index.has_image(i)]
     retriever.progress = True
     if images:
-        retriever.add_images(images, [p.stem for p in images])
+        retriever.add_images([p for _, p in images], [i for i, _ in images])
     if texts is not None:
         ids, items = read_texts_jsonl(texts)
         new = [(i, t) for i, t in zip(ids, items) if not index.has_text(i)]
@@ -192,31 +192,31 @@ class ServerCore:
     # ---- tower batch functions (run in each batcher's worker thread) ------------------------------------------
 
     def _encode_text_rows(self, rows: list[torch.Tensor]) -> list[np.ndarray]:
-        return list(self.retriever.encoder.encode_texts(torch.stack(rows)))
+        return list(self.retriever.encode_tokens(torch.stack(rows)))
 
     def _encode_image_views(self, items: list[torch.Tensor]) -> list[np.ndarray]:
-        flat = self.retriever.encoder.encode_images(torch.cat(items))
-        return list(flat.reshape(len(items), -1, flat.shape[-1]))
+        views = torch.stack(items)
+        return list(self.retriever.encode_views(views, rows_per_call=views.shape[0] * views.shape[1]))
 
-    # ---- encoding -------------------------------------------------------------------------------------------
+    # ---- prepare and encode -----------------------------------------------------------------------------------
 
-    async def _encode_texts(self, texts: Sequence[str]) -> TextResult:
+    async def _encode_texts(self, texts: Sequence[str]) -> TextQueryResult:
         """[D] embeddings per text via the text batcher; empty texts are InputErrors."""
         if not texts:
             raise InputError("no texts given (an empty list)")
         self.batchers["text"].check_capacity(len(texts))
-        tokens = await self._in_pool(self.retriever.tokenize, list(texts))
+        tokens = await self._in_pool(self.retriever.prepare_texts, list(texts))
         rows = await self.batchers["text"].submit_many(list(tokens.ids))
-        return TextResult(rows, tokens.truncated)
+        return TextQueryResult(rows, tokens.truncated)
 
     async def _image_embeddings(self, image: Any, name: str = "image") -> np.ndarray:
-        """[1 + K, D] (global, then crops) for one image, decoded and cut into views in the pool."""
+        """[1 + K, D] (global, then crops) for one image, prepared in the pool."""
         self.batchers["image"].check_capacity(1)
-        views = await self._in_pool(self._pixels, image, name)
-        return await self.batchers["image"].submit(views)
+        prepared = await self._in_pool(self._prepare, image, name)
+        return await self.batchers["image"].submit(prepared.views[0])
 
-    def _pixels(self, image: Any, name: str) -> torch.Tensor:
-        return _named(name, self.retriever.pixels, image)
+    def _prepare(self, image: Any, name: str, thumbnails: bool = False) -> PreparedImages:
+        return _named(name, functools.partial(self.retriever.prepare_images, thumbnails=thumbnails), [image])
 
     async def encode_image(self, upload: Any) -> tuple[np.ndarray, np.ndarray | None]:
         """(global [D], crops [K, D] or None) for one uploaded image."""
@@ -224,7 +224,7 @@ class ServerCore:
         emb = await self._image_embeddings(upload.data, upload.name)
         return emb[0], (emb[1:] if retriever.laclip is not None else None)
 
-    async def encode_text(self, texts: Sequence[str]) -> TextResult:
+    async def encode_text(self, texts: Sequence[str]) -> TextQueryResult:
         """[D] embeddings of texts, with truncation flags."""
         self._require_ready()
         return await self._encode_texts(texts)
@@ -240,14 +240,14 @@ class ServerCore:
         return dataclasses.replace(laclip.score, **given)
 
     async def search_images(self, queries: Sequence[str], k: int, settings: Any = None,
-                            exact: bool = False) -> TextResult:
+                            exact: bool = False) -> TextQueryResult:
         """Text -> image: one list of hits per query, best first."""
         retriever = self._require_ready()
         score = self._score(settings)
         encoded = await self._encode_texts(queries)
         hits = await self._in_pool(retriever.search_image_embeddings, np.stack(encoded.values), k,
                                    exact=exact, score=score)
-        return TextResult(hits, encoded.truncated)
+        return TextQueryResult(hits, encoded.truncated)
 
     async def search_texts(self, upload: Any, k: int, settings: Any = None, exact: bool = False) -> list[Hit]:
         """Image -> text: the hits for one uploaded image, best first (payloads carry the texts)."""
@@ -266,8 +266,7 @@ class ServerCore:
             self._known("images", check_id(item_id))
             return await self._in_pool(retriever.search_similar, item_id, k, exact=exact)
         emb = await self._image_embeddings(upload.data, upload.name)
-        hits = await self._in_pool(retriever.search_image_embeddings, emb[None, 0], k, exact=exact,
-                                   score=PLAIN)  # the global vectors alone, as search_similar scores an image
+        hits = await self._in_pool(retriever.search_similar_embeddings, emb[None, 0], k, exact=exact)
         return hits[0]
 
     async def thumbnail(self, item_id: str) -> bytes:
@@ -289,42 +288,25 @@ class ServerCore:
 
     async def add_images(self, uploads: Sequence[Any], ids: Sequence[Id] | None,
                          payloads: Sequence[dict | None] | None) -> list[Id]:
-        """Decode (pool), encode (image batcher), then add durably (writer); all or nothing."""
+        """Prepare (pool), encode (image batcher), then store durably (writer); all or nothing."""
         retriever = self._require_ready()
         self._check_new(uploads, ids, payloads, "images", retriever.index.has_image)
         self.batchers["image"].check_capacity(len(uploads))
-        decoded = await asyncio.gather(*(self._in_pool(self._decode, u.data, u.name) for u in uploads))
-        views = await asyncio.gather(*(self._in_pool(self._pixels, image, u.name)
-                                       for image, u in zip(decoded, uploads)))
-        emb = np.stack(await self.batchers["image"].submit_many(views))
-        crops = np.ascontiguousarray(emb[:, 1:]) if retriever.laclip is not None else None
-        merged = [{**({"source": u.basename} if u.basename else {}), **((payloads or [None] * len(uploads))[i] or {})}
-                  for i, u in enumerate(uploads)]
-        thumbnails = await asyncio.gather(*(self._in_pool(make_thumbnail, image) for image in decoded))
-
-        def add() -> list[Id]:
-            new_ids = retriever.new_ids(uploads, ids, "images")  # default counters taken under the write lock
-            return retriever.add_image_embeddings(new_ids, np.ascontiguousarray(emb[:, 0]), crops, payloads=merged,
-                                                  thumbnails=list(thumbnails))
-
-        return await self._write(add)
-
-    def _decode(self, data: bytes, name: str) -> Image.Image:
-        return _named(name, load_image, data, self.retriever.max_pixels)
+        prepared = await asyncio.gather(*(self._in_pool(self._prepare, u.data, u.name, True) for u in uploads))
+        views = await self.batchers["image"].submit_many([p.views[0] for p in prepared])
+        emb = ImageEmbeddings.of(np.stack(views), retriever.laclip is not None)
+        names = [u.basename for u in uploads]
+        thumbnails = [p.thumbnails[0] for p in prepared]
+        # ids (default counters included) are taken in the writer, under the write lock
+        return await self._write(lambda: retriever.store_images(emb, names, ids, payloads, thumbnails))
 
     async def add_texts(self, texts: Sequence[str], ids: Sequence[Id] | None,
                         payloads: Sequence[dict | None] | None) -> list[Id]:
-        """Encode (text batcher), then add durably (writer) with each text in its payload; all or nothing."""
+        """Encode (text batcher), then store durably (writer); all or nothing."""
         retriever = self._require_ready()
         self._check_new(texts, ids, payloads, "texts", retriever.index.has_text)
         encoded = await self._encode_texts(texts)
-        merged = [{**((payloads or [None] * len(texts))[i] or {}), "text": text} for i, text in enumerate(texts)]
-
-        def add() -> list[Id]:
-            new_ids = retriever.new_ids(texts, ids, "texts")  # default counters taken under the write lock
-            return retriever.add_text_embeddings(new_ids, np.stack(encoded.values), payloads=merged)
-
-        return await self._write(add)
+        return await self._write(lambda: retriever.store_texts(texts, np.stack(encoded.values), ids, payloads))
 
     @staticmethod
     def _check_new(items: Sequence, ids: Sequence[Id] | None, payloads: Sequence | None, what: str,

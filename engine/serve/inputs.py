@@ -33,11 +33,6 @@ class Upload:
         """The file name without folders (an image's payload "source"), or None."""
         return PurePath(self.filename.replace("\\", "/")).name or None if self.filename else None
 
-    @property
-    def stem(self) -> str | None:
-        """The file name without folders or extension (the default id of an upload), or None."""
-        return PurePath(self.basename).stem or None if self.basename else None
-
 
 def content_kind(request: Request) -> str:
     """"json" or "multipart"; 415 otherwise, saying so when the body is JSON sent under another type."""

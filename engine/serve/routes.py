@@ -10,6 +10,8 @@ from typing import Any, Sequence
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel
 
+from ..errors import InputError
+from ..gallery import parse_texts_jsonl
 from ..ids import Id
 from .bodies import (MAX_K, DeleteRequest, EncodeImageRequest, EncodeTextRequest, ImageQuery, ImageSearchRequest,
                      IndexImagesRequest, IndexTextsRequest, SimilarRequest, decode_base64,
@@ -165,8 +167,7 @@ def build_router(core: ServerCore, policy: AccessPolicy, schemas: Schemas) -> AP
         else:
             form = await read_form(request)
             uploads = await form_uploads(form, "images")
-            given = form_list(form, "ids")
-            ids = given or _stems(uploads)
+            ids = form_list(form, "ids") or None  # None: file name stems (the folder-id rule), else counters
             payloads = _form_payloads(form)
         return await counted({"added": await core.add_images(uploads, ids, payloads)})
 
@@ -219,12 +220,6 @@ def _add_delete_routes(v1: APIRouter, core: ServerCore, kind: str, counted: Any,
         return await counted({"deleted": await core.delete(kind, body.ids)})
 
 
-def _stems(uploads: Sequence[Upload]) -> list[Id] | None:
-    """Upload file name stems as ids (as --gallery does), when every upload has a file name."""
-    stems = [u.stem for u in uploads]
-    return None if any(s is None for s in stems) else stems
-
-
 def _form_payloads(form: Any) -> list[dict[str, Any] | None] | None:
     raw = form.get("payloads")
     if raw is None:
@@ -235,25 +230,23 @@ def _form_payloads(form: Any) -> list[dict[str, Any] | None] | None:
 
 
 def texts_from_jsonl(upload: Upload) -> tuple[list[Id], list[str]]:
-    """(ids, texts) of a JSON-lines upload in the `--texts` format; errors name the file and line."""
+    """(ids, texts) of a JSON-lines upload, read by engine.gallery's one reader (the `--texts` format) with the
+    body limits of every JSON request; errors name the file and line."""
     try:
         lines = upload.data.decode("utf-8").splitlines()
     except UnicodeDecodeError as exc:
         raise HttpError(400, "MalformedBody", f"{upload.name}: not UTF-8 text (byte {exc.start})") from None
-    ids: list[Id] = []
-    texts: list[str] = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = parse_json(line.encode("utf-8"))
-        except HttpError as exc:
-            raise HttpError(exc.status, exc.kind, f"{upload.name} line {number}: {exc.detail}") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise HttpError(422, "ValidationError", f"{upload.name} line {number}: expected an object with a "
-                                                    "string 'text'")
-        ids.append(record.get("text_id", record.get("id", len(ids))))
-        texts.append(record["text"])
+    try:
+        ids, texts = parse_texts_jsonl(lines, upload.name, _json_line)
+    except InputError as exc:
+        raise HttpError(422, "ValidationError", str(exc)) from None
     if not texts:
         raise HttpError(422, "ValidationError", f"{upload.name}: no texts in the file")
     return ids, texts
+
+
+def _json_line(line: str, at: str) -> Any:
+    try:
+        return parse_json(line.encode("utf-8"))
+    except HttpError as exc:
+        raise HttpError(exc.status, exc.kind, f"{at}: {exc.detail}") from None
