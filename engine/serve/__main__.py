@@ -11,12 +11,12 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from ..backends.export_reader import BACKENDS
 from ..backends.torch_backend import PRECISIONS
 from ..batcher import BatcherConfig
 from ..cli_common import add_laclip_arguments, laclip_from_args
 from ..errors import EngineError
 from ..models import available_models
-from ..preprocess import DEFAULT_MAX_PIXELS
 from .app import HttpLimits, create_app
 from .core import ServeConfig, ServerCore
 from .guards import AccessPolicy, guarded_h11
@@ -35,7 +35,7 @@ def default_index_dir(model: str | None) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    d = BatcherConfig()
+    d, limits, serve = BatcherConfig(), HttpLimits(), ServeConfig()
     p = argparse.ArgumentParser(prog="python -m engine.serve", description=__doc__)
     p.add_argument("--model", choices=available_models(),
                    help="model structure (required unless --export, whose manifest names it); 'tiny' with no "
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random-weights", action="store_true",
                    help="seeded random weights for any model (benchmarks and trials only; no real retrieval)")
     p.add_argument("--export", type=Path, help="serve the towers of a `python -m export` directory")
-    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"],
+    p.add_argument("--backend", default=serve.backend, choices=BACKENDS,
                    help="runtime for --export (tensorrt needs --device cuda)")
     p.add_argument("--index", type=Path, help="index directory: opened if it holds an index; adds and deletes "
                                               "are durable there before they are answered (default: "
@@ -52,13 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
                                               "~/.local/share/cnclip-engine/index-MODEL)")
     p.add_argument("--in-memory", action="store_true",
                    help="keep the index in memory only (nothing written; answers say \"persisted\": false)")
-    p.add_argument("--gallery", type=Path, help="image folder to index at start-up (ids = file stems; only "
-                   f"images not yet indexed); saved to --index (default GALLERY/{INDEX_SUBDIR})")
+    p.add_argument("--gallery", type=Path, help="image folder to index at start-up (recursive; ids = paths relative "
+                   "to the folder without suffix, file stems directly inside; only images not yet indexed); saved "
+                   f"to --index (default GALLERY/{INDEX_SUBDIR})")
     p.add_argument("--texts", type=Path, help="with --gallery: JSON lines {\"text_id\"|\"id\": ..., \"text\": ...}")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+    p.add_argument("--device", default=serve.device)
+    p.add_argument("--precision", default=serve.precision, choices=PRECISIONS,
                    help="PyTorch towers (not --export): bf16 autocast, or bf16-compiled (bf16 weights, vision tower "
                         "compiled per batch bucket on first use; fastest on CPUs with AMX or AVX512-BF16); fp16 "
                         "needs --device cuda")
@@ -75,15 +76,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="queued items per tower before requests get 429")
     g.add_argument("--request-timeout-s", type=float, default=d.timeout_s,
                    help="a request waiting longer than this in a tower queue gets 503")
-    g.add_argument("--workers", type=int, default=2, help="threads decoding images, tokenizing and scoring")
-    g.add_argument("--max-body-mb", type=float, default=20.0, help="larger request bodies get 413")
-    g.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+    g.add_argument("--workers", type=int, default=serve.workers,
+                   help="threads decoding images, tokenizing and scoring")
+    g.add_argument("--max-body-mb", type=float, default=limits.max_body_bytes / (1 << 20),
+                   help="larger request bodies get 413")
+    g.add_argument("--max-pixels", type=int, default=serve.max_pixels,
                    help="larger images get 400 (decompression bomb guard; Pillow's own limit follows it)")
-    g.add_argument("--max-concurrency", type=int, default=64,
+    g.add_argument("--max-concurrency", type=int, default=limits.max_concurrency,
                    help="requests in flight before more get 503 (health and metrics excepted)")
-    g.add_argument("--body-timeout-s", type=float, default=30.0,
+    g.add_argument("--body-timeout-s", type=float, default=limits.body_timeout_s,
                    help="a request body not fully received within this gets 408 and its connection closed")
-    g.add_argument("--header-timeout-s", type=float, default=10.0,
+    g.add_argument("--header-timeout-s", type=float, default=limits.header_timeout_s,
                    help="a connection that sends no complete request headers within this is closed")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_laclip_arguments(p)
@@ -130,8 +133,7 @@ def config_from_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> Se
     return ServeConfig(model=args.model, checkpoint=args.checkpoint, random_weights=args.random_weights,
                        export_dir=args.export, backend=args.backend, index_dir=index_dir, gallery=args.gallery,
                        texts=args.texts, laclip=laclip, device=args.device, precision=args.precision, batch=batch,
-                       workers=args.workers,
-                       max_pixels=args.max_pixels)
+                       workers=args.workers, max_pixels=args.max_pixels)
 
 
 def check_export_runtime(args: argparse.Namespace) -> str | None:
@@ -171,10 +173,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             server.should_exit = True
 
     policy = AccessPolicy(args.api_key, args.protect_metrics, args.protect_docs)
-    limits = HttpLimits(int(args.max_body_mb * (1 << 20)), args.body_timeout_s, args.max_concurrency)
+    limits = HttpLimits(int(args.max_body_mb * (1 << 20)), args.body_timeout_s, args.max_concurrency,
+                        args.header_timeout_s)
     app = create_app(core, metrics, policy=policy, limits=limits, on_fatal=fatal)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                           http=guarded_h11(args.header_timeout_s),
+                                           http=guarded_h11(limits.header_timeout_s),
                                            timeout_graceful_shutdown=config.batch.timeout_s + 5))
     server.run()
     if failures:

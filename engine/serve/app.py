@@ -41,6 +41,7 @@ class HttpLimits:
     max_body_bytes: int = 20 << 20
     body_timeout_s: float = 30.0
     max_concurrency: int = 64
+    header_timeout_s: float = 10.0  # enforced by the connection protocol (engine.serve.guards.guarded_h11)
 
 
 def docs_assets() -> Path:

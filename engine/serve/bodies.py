@@ -21,7 +21,8 @@ from .errors import HttpError, safe_text
 MAX_JSON_DEPTH = 32
 MAX_NUMBER_CHARS = 40  # int64 needs 20; a float literal longer than this is not a real value either
 MAX_TEXT_CHARS = 10_000  # a query or an indexed text (the tokenizer keeps the first 52 tokens)
-MAX_ITEMS = 1024  # queries, texts, images or ids in one request
+MAX_ITEMS = 1024  # queries, texts, images or ids in one request: the one per-request item limit
+MAX_CONTAINER = 100_000  # entries of any one JSON array or object (a structural guard, e.g. inside a payload)
 DEFAULT_K = 10
 MAX_K = 1000
 
@@ -34,7 +35,7 @@ class BodyLimits:
 
     max_depth: int = MAX_JSON_DEPTH
     max_number_chars: int = MAX_NUMBER_CHARS
-    max_items: int = 100_000
+    max_container: int = MAX_CONTAINER
 
 
 def _bad(detail: str) -> HttpError:
@@ -72,7 +73,7 @@ def parse_json(raw: bytes, limits: BodyLimits = BodyLimits()) -> Any:
 
 
 def check_json(data: Any, limits: BodyLimits) -> None:
-    """Nesting within the depth limit, no array or object over the item limit, every string (keys too) valid
+    """Nesting within the depth limit, no array or object over the container limit, every string (keys too) valid
     Unicode text; the 422 for a bad string says where it is (`body.ids[4]`)."""
     stack: list[tuple[Any, int, Any, Any]] = [(data, 1, None, None)]
     while stack:
@@ -82,9 +83,9 @@ def check_json(data: Any, limits: BodyLimits) -> None:
         elif isinstance(value, (list, dict)):
             if depth > limits.max_depth:
                 raise _bad(f"JSON nested deeper than the limit of {limits.max_depth}")
-            if len(value) > limits.max_items:
+            if len(value) > limits.max_container:
                 raise _bad(f"a JSON array or object has {len(value)} items, more than the limit of "
-                           f"{limits.max_items}")
+                           f"{limits.max_container}")
             where = (parent, key)
             if isinstance(value, dict):
                 for name, item in value.items():
