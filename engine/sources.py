@@ -22,6 +22,7 @@ from typing import Literal, Sequence
 
 from .errors import ImageDecodeError, InputError
 from .gallery import IMAGE_SUFFIXES, folder_images
+from .payloads import image_payloads
 from .records import DatasetError, ImageRecord, Problem
 from .records import read_tsv as read_tsv_rows
 
@@ -174,7 +175,7 @@ def _list_file(path: Path) -> Collection:
 
 def _list_tar(path: Path) -> Collection:
     """WebDataset samples: members grouped by key; one image (jpg/png/...) each, `.txt` -> payload "caption",
-    `.json` (an object) merged into the payload."""
+    `.json` (an object) merged into the payload, over "source" (engine.payloads' rule)."""
     samples: dict[str, dict[str, tarfile.TarInfo]] = {}
     try:
         with tarfile.open(path, "r:") as tar:
@@ -210,7 +211,7 @@ def _tar_samples(path: Path, tar: tarfile.TarFile, samples: dict[str, dict[str, 
         except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
             problems.append(Problem(f"{path}:{key}", None, "malformed", f"sample {key!r}: {exc}"))
             continue
-        payload["source"] = f"{path.name}:{image.name}"
+        payload = image_payloads([f"{path.name}:{image.name}"], [payload])[0]  # the one payload rule
         images.append(ImageRef(key, f"{path}:{image.name}", str(path), "tar", image.offset_data, image.size,
                                payload=payload))
     return Collection(images, problems)
