@@ -13,8 +13,11 @@ Sections (each guarded: an error is recorded and the next runs; results.json is 
           bf16 GEMM rate at 35 GFLOP per image) and texts/s at 8 tokens batch 256; bf16-compiled text on CUDA
   index   an index of N rows (fp16, K = 4) opened on the GPU: first (streamed) query, residency time, exact
           search Q = 1 k = 10 p50 per mode, top-10 agreement with the CPU index
-  e2e     1,000 640x480 JPEGs -> device views (nvJPEG, K = 4 crops) -> ViT-B-16 fp16 -> index rows: images/s;
-          per-vector parity of device views with the PIL path on real photos (--photos) or generated ones
+  e2e     1,000 640x480 JPEGs -> device views (nvJPEG, K = 4 crops) -> ViT-B-16 fp16 -> index rows: images/s,
+          with each stage's ms per image; per-vector parity of device views with the PIL path on real photos
+          (--photos) or generated ones
+  compiled  the bf16-compiled vision tower (TorchInductor) on the device: compile time and images/s (last: it
+          compiles for a minute or more)
 Without a GPU (and without --smoke-cpu) it exits 0 after saying why, so CI never needs one.
 """
 from __future__ import annotations
@@ -213,12 +216,26 @@ def sec_towers() -> None:
             with torch.inference_mode(), enc._autocast("text"):
                 enc._text_tower(t_dev)
         text_rate = batch / event_ms(text, reps=5) * 1e3
+
+        def text_unmasked() -> None:  # the same layers without the padding mask (no row is padded here)
+            from engine.towers import _bert_layer
+
+            with torch.inference_mode(), enc._autocast("text"):
+                tower = enc._text_tower
+                h = tower.bert.embeddings(t_dev)
+                *layers, last = tower.bert.encoder.layer
+                for layer in layers:
+                    h = _bert_layer(layer, h, None)
+                _bert_layer(last, h, None, first_token_only=True)
+        unmasked_rate = batch / event_ms(text_unmasked, reps=5) * 1e3
         e2e_rate = batch / wall_ms(lambda: enc.encode_images(x.cpu()), reps=3) * 1e3
+        RESULTS.setdefault("tower_profiles", {})[p] = {"vision": top_kernels(vision), "text": top_kernels(text),
+                                                       "text_unmasked": top_kernels(text_unmasked)}
         rows.append(dict(precision=p, batch=batch, images_s=rate, tflops=tflops, of_bf16_peak=tflops / peak if peak else None,
-                         texts_s_8tok=text_rate, images_s_from_host=e2e_rate))
+                         texts_s_8tok=text_rate, texts_s_8tok_unmasked=unmasked_rate, images_s_from_host=e2e_rate))
         note(f"towers {p}: vision b={batch} {rate:8.0f} img/s ({tflops:.0f} TFLOP/s"
              f"{f', {tflops / peak:.0%} of bf16 GEMM' if peak else ''}; {e2e_rate:.0f} img/s from host pixels), "
-             f"text 8 tokens b={batch} {text_rate:8.0f} texts/s")
+             f"text 8 tokens b={batch} {text_rate:8.0f} texts/s ({unmasked_rate:.0f} without the mask)")
         RESULTS["tower_rates"] = rows
     try:
         enc = TorchEncoder(model, res, device=DEV.type, precision="bf16-compiled")
@@ -228,6 +245,48 @@ def sec_towers() -> None:
     except Exception as exc:
         RESULTS["bf16_compiled_text_min_cos"] = f"{type(exc).__name__}: {str(exc)[:200]}"
         note(f"bf16-compiled text tower FAILED: {RESULTS['bf16_compiled_text_min_cos']}")
+
+
+def top_kernels(fn, count: int = 8) -> list[str]:
+    """The device kernels taking most of 3 calls of `fn` (torch.profiler): 'name: total ms (calls)'."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    activity = ProfilerActivity.CUDA if DEV.type == "cuda" else ProfilerActivity.CPU
+    with profile(activities=[activity]) as prof:
+        for _ in range(3):
+            fn()
+        if DEV.type == "cuda":
+            torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if getattr(e, "device_time_total", 0) > 0 or DEV.type != "cuda"]
+    key = (lambda e: e.device_time_total) if DEV.type == "cuda" else (lambda e: e.self_cpu_time_total)
+    events.sort(key=key, reverse=True)
+    return [f"{e.key[:70]}: {key(e) / 1e3:.2f} ms ({e.count})" for e in events[:count]]
+
+
+def sec_compiled() -> None:
+    """bf16-compiled (TorchInductor, frozen weights, one graph per batch bucket) vision tower on the device."""
+    from engine.backends.torch_backend import TorchEncoder
+    from engine.models import build_random_model, get_spec
+
+    name = "tiny" if SMOKE else "ViT-B-16"
+    spec = get_spec(name)
+    enc = TorchEncoder(build_random_model(spec), spec.input_resolution, device=DEV.type, precision="bf16-compiled")
+    batch = 8 if SMOKE else 256
+    x = enc._inputs(torch.randn(batch, 3, spec.input_resolution, spec.input_resolution))  # bf16 on the device
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        enc._image_tower(x)
+    compile_s = time.perf_counter() - t0
+
+    def vision() -> None:
+        with torch.inference_mode():
+            enc._image_tower(x)
+    rate = batch / event_ms(vision, reps=5) * 1e3
+    peak = RESULTS.get("ceilings", {}).get("bf16_gemm_TFLOPs")
+    RESULTS["compiled_vision"] = dict(batch=batch, compile_s=compile_s, images_s=rate, tflops=rate * 35e9 / 1e12)
+    note(f"bf16-compiled vision b={batch}: {rate:8.0f} img/s ({rate * 35e9 / 1e12:.0f} TFLOP/s"
+         f"{f', {rate * 35e9 / 1e12 / peak:.0%} of bf16 GEMM' if peak else ''}), compiled in {compile_s:.0f} s")
 
 
 # -------------------------------------------------------------------------------------------------------- index
@@ -241,7 +300,7 @@ def sec_index(n: int) -> None:
                              ann=AnnConfig(kind="none"))
     t0 = time.perf_counter()
     index = Index.create(root, manifest)
-    step = 250_000
+    step = (n + 1) // 2  # two segments: the scan's per-segment work is part of what is timed
     for s in range(0, n, step):
         e = min(n, s + step)
         index.add_images(list(range(s, e)), g[s:e].float().cpu().numpy(), c[s:e].float().cpu().numpy())
@@ -338,6 +397,26 @@ def sec_e2e(count: int, photos: Path | None) -> None:
     root = Path(tempfile.mkdtemp()) / "e2e"
     index = Index.create(root, IndexManifest(name, "bench-gpu", enc.embed_dim, LaclipConfig(num_crops=K),
                                              dtype="float16", ann=AnnConfig(kind="none")))
+    # where a batch's time goes (synchronised after each stage; the timed run below does not synchronise)
+    sync = torch.cuda.synchronize if DEV.type == "cuda" else (lambda: None)
+    part = blobs[:64]
+    stages = {}
+    t0 = time.perf_counter()
+    decoded = maker.decode(part)
+    sync()
+    stages["decode"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    views = maker.views(decoded)
+    sync()
+    stages["views"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    maker.thumbnails([p for p, _ in decoded])
+    stages["thumbnails"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    enc.encode_images(views.flatten(0, 1))
+    stages["tower"] = time.perf_counter() - t0
+    RESULTS["e2e_stage_ms_per_image"] = {k: v * 1e3 / len(part) for k, v in stages.items()}
+    note("e2e stages, ms per image (64-image batch): " + ", ".join(f"{k} {v * 1e3 / len(part):.3f}" for k, v in stages.items()))
     batch = 64
     spent = {"views": 0.0, "tower": 0.0, "index": 0.0}
     maker(blobs[:2]), enc.encode_images(maker(blobs[:2]).views.flatten(0, 1))  # warm up
@@ -363,7 +442,7 @@ def sec_e2e(count: int, photos: Path | None) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("bench-out/gpu"))
-    ap.add_argument("--sections", default="ceil,kernel,towers,index,e2e")
+    ap.add_argument("--sections", default="ceil,kernel,towers,index,e2e,compiled")
     ap.add_argument("--kernel-sizes", default="1000000,10000000")
     ap.add_argument("--index-rows", type=int, default=1_000_000)
     ap.add_argument("--e2e-images", type=int, default=1000)
@@ -382,7 +461,7 @@ def main() -> int:
     RESULTS["torch"] = torch.__version__
     steps = {"ceil": sec_ceil, "kernel": lambda: sec_kernel([int(s) for s in args.kernel_sizes.split(",")]),
              "towers": sec_towers, "index": lambda: sec_index(args.index_rows),
-             "e2e": lambda: sec_e2e(args.e2e_images, args.photos)}
+             "e2e": lambda: sec_e2e(args.e2e_images, args.photos), "compiled": sec_compiled}
     for name in args.sections.split(","):
         t0 = time.perf_counter()
         try:

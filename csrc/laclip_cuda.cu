@@ -4,10 +4,10 @@
 //   small   Q <= 8 per pass, CUDA cores. Eight lanes score one image with 16-byte loads (8 fp16/bf16 or 4 fp32
 //           values per lane per step); the pass's queries sit in shared memory in fp32; partial dots are reduced
 //           over the 8 lanes with 3 shuffles. Needs 16-byte aligned rows (D a multiple of 8 for 2-byte types).
-//   tensor  Q >= 9, fp16/bf16 rows, D a multiple of 16, global-only or query-aware weights: a warp multiplies a
-//           16-row tile (16 images' global rows, or 16 crop rows) by up to 64 queries with WMMA (fp32
-//           accumulation); the queries are split into a high and a low part in the rows' dtype (t = hi + lo), so
-//           the products keep ~fp32 precision. The K-softmax is fused into the epilogue from shared memory.
+//   tensor  Q >= 9, fp16/bf16 rows, D a multiple of 16, global-only or query-aware weights: persistent blocks
+//           hold up to 64 queries in shared memory; a warp multiplies a 16-row tile (16 images' global rows, or 16
+//           crop rows, read once with 8 fragments in flight) by them with WMMA (fp32 accumulation; the queries
+//           are in the rows' dtype, so the products are exact). The K-softmax is fused into the epilogue.
 //   generic any shape or alignment: one warp per image, lanes stride over D (the first kernel, kept as the
 //           fallback the others are tested against on the same inputs).
 // The weight mode is a template parameter: Global (alpha = 1: plain CLIP, crops never read), Image (w from
@@ -258,9 +258,16 @@ __global__ void __launch_bounds__(kSmallThreads)
 }
 
 // -------------------------------------------------------------------------------------------- tensor kernel
-constexpr int kTensorThreads = 128;
-constexpr int kTensorWarps = kTensorThreads / 32;
-constexpr int kTile = 16;  // WMMA tile edge; a block scores 16 images
+constexpr int kTile = 16;          // WMMA tile edge: 16 rows (images or crops) x 16 queries x 16 dims
+constexpr int kMaxTensorWarps = 8;
+constexpr int kPrefetch = 8;       // row fragments a warp has in flight (8 x 512 bytes per warp)
+
+template <typename V>
+__device__ __forceinline__ V zero_value();
+template <>
+__device__ __forceinline__ __half zero_value<__half>() { return __ushort_as_half(0); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 zero_value<__nv_bfloat16>() { return __ushort_as_bfloat16(0); }
 
 template <typename scalar_t>
 struct Wmma;
@@ -273,75 +280,114 @@ struct Wmma<at::BFloat16> {
   using type = __nv_bfloat16;
 };
 
-// A block scores 16 images [n0, n0 + 16) against queries [q0, q0 + 16 CT) (blockIdx.y picks q0). Rows of the tile
-// set: 16 global rows, then (unless Global) the images' 16 K crop rows. Thi/Tlo: [Qpad, D] high and low parts of
-// the queries in the rows' dtype, zero rows past Q.
+// Row tiles per group of 16 images: the global rows, then (unless Global) the images' 16 K crop rows.
+__host__ __device__ __forceinline__ int64_t rows_per_image_tile(Mode mode, int64_t K) {
+  return mode == Mode::Global ? 1 : 1 + K;
+}
+
+// Image tiles a block scores per step, so that a step has close to kMaxTensorWarps row tiles (one per warp).
+__host__ __device__ __forceinline__ int64_t image_tiles_per_step(Mode mode, int64_t K) {
+  return std::max<int64_t>(1, kMaxTensorWarps / rows_per_image_tile(mode, K));
+}
+
+// Persistent blocks: each loads its 16 CT queries [q0, q0 + 16 CT) into shared memory once (row stride D + 16, so
+// the fragment loads do not all hit one bank), then steps over groups of image tiles. Each warp multiplies one
+// 16-row tile of rows (read once from global memory, kPrefetch fragments in flight) by every query tile,
+// accumulating in fp32; the products land in shared memory, where the epilogue fuses the K-softmax.
+// Queries are in the rows' dtype (the operator's contract), so the products are exact.
 template <typename scalar_t, Mode MODE, int CT>
-__global__ void __launch_bounds__(kTensorThreads)
-    tensor_kernel(const scalar_t* __restrict__ Thi, const scalar_t* __restrict__ Tlo,
-                  const scalar_t* __restrict__ G, const scalar_t* __restrict__ C, int64_t Q, int64_t K, int64_t D,
-                  float alpha, float inv_tau, int64_t n_first, Output out) {
+__global__ void __launch_bounds__(kMaxTensorWarps * 32)
+    tensor_kernel(const scalar_t* __restrict__ T, const scalar_t* __restrict__ G, const scalar_t* __restrict__ C,
+                  int64_t Q, int64_t K, int64_t D, float alpha, float inv_tau, int64_t n_first, int64_t tiles,
+                  Output out) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   namespace wmma = nvcuda::wmma;
-  using T = typename Wmma<scalar_t>::type;
+  using V = typename Wmma<scalar_t>::type;
   constexpr int kCols = kTile * CT;
-  extern __shared__ float sims[];  // [(1 + K) * 16, kCols]: row r, query column
-  const int warp = threadIdx.x >> 5;
-  const int64_t n0 = n_first + static_cast<int64_t>(blockIdx.x) * kTile;
+  extern __shared__ __align__(32) unsigned char shared_raw[];
+  const int64_t ldt = D + kTile;
+  V* tq = reinterpret_cast<V*>(shared_raw);                               // [kCols, D + 16]
+  float* sims = reinterpret_cast<float*>(shared_raw + kCols * ldt * sizeof(V));  // [step rows, kCols]
+  const int warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const int64_t q0 = static_cast<int64_t>(blockIdx.y) * kCols;
-  const int64_t row_tiles = MODE == Mode::Global ? 1 : 1 + K;
-  const T* hi = reinterpret_cast<const T*>(Thi) + q0 * D;
-  const T* lo = reinterpret_cast<const T*>(Tlo) + q0 * D;
-
-  for (int64_t rt = warp; rt < row_tiles; rt += kTensorWarps) {
-    // tile 0: G rows n0..n0+15; tile 1 + j: C rows (n0 * K + 16 j) .. +15 (image (r / K), crop (r % K))
-    const T* rows = rt == 0 ? reinterpret_cast<const T*>(G) + n0 * D
-                            : reinterpret_cast<const T*>(C) + (n0 * K + (rt - 1) * kTile) * D;
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[CT];
-#pragma unroll
-    for (int ct = 0; ct < CT; ++ct) wmma::fill_fragment(acc[ct], 0.f);
-    for (int64_t d = 0; d < D; d += kTile) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-      wmma::load_matrix_sync(a, rows + d, static_cast<unsigned>(D));
-#pragma unroll
-      for (int ct = 0; ct < CT; ++ct) {
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
-        wmma::load_matrix_sync(b, hi + ct * kTile * D + d, static_cast<unsigned>(D));
-        wmma::mma_sync(acc[ct], a, b, acc[ct]);
-        wmma::load_matrix_sync(b, lo + ct * kTile * D + d, static_cast<unsigned>(D));
-        wmma::mma_sync(acc[ct], a, b, acc[ct]);
-      }
-    }
-#pragma unroll
-    for (int ct = 0; ct < CT; ++ct)
-      wmma::store_matrix_sync(sims + rt * kTile * kCols + ct * kTile, acc[ct], kCols, wmma::mem_row_major);
+  const V* tg = reinterpret_cast<const V*>(T);
+  for (int64_t i = threadIdx.x; i < kCols * D; i += blockDim.x) {
+    const int64_t col = i / D, d = i % D;
+    tq[col * ldt + d] = q0 + col < Q ? tg[(q0 + col) * D + d] : zero_value<V>();
   }
   __syncthreads();
 
-  for (int pair = threadIdx.x; pair < kTile * kCols; pair += kTensorThreads) {
-    const int image = pair / kCols, col = pair % kCols;
-    if (q0 + col >= Q) continue;
-    const float gs = sims[image * kCols + col];
-    float score = gs;
-    if (MODE == Mode::Text) {
-      float mx = -INFINITY, esum = 0.f, wsum = 0.f;
-      for (int64_t j = 0; j < K; ++j) {
-        const float cs = sims[(kTile + image * K + j) * kCols + col];
-        softmax_step(cs, cs, inv_tau, mx, esum, wsum);
+  const int64_t rpt = rows_per_image_tile(MODE, K), per_step = image_tiles_per_step(MODE, K);
+  const int64_t step_rows = per_step * rpt;
+  for (int64_t first = static_cast<int64_t>(blockIdx.x) * per_step; first < tiles;
+       first += static_cast<int64_t>(gridDim.x) * per_step) {
+    for (int64_t rt = warp; rt < step_rows; rt += warps) {
+      const int64_t tile = first + rt / rpt, r = rt % rpt;
+      if (tile >= tiles) continue;
+      const int64_t n0 = n_first + tile * kTile;
+      const V* rows = r == 0 ? reinterpret_cast<const V*>(G) + n0 * D
+                             : reinterpret_cast<const V*>(C) + (n0 * K + (r - 1) * kTile) * D;
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[CT];
+#pragma unroll
+      for (int ct = 0; ct < CT; ++ct) wmma::fill_fragment(acc[ct], 0.f);
+      int64_t d = 0;
+      for (; d + kPrefetch * kTile <= D; d += kPrefetch * kTile) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, V, wmma::row_major> a[kPrefetch];
+#pragma unroll
+        for (int s = 0; s < kPrefetch; ++s) wmma::load_matrix_sync(a[s], rows + d + s * kTile, static_cast<unsigned>(D));
+#pragma unroll
+        for (int s = 0; s < kPrefetch; ++s) {
+#pragma unroll
+          for (int ct = 0; ct < CT; ++ct) {
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, V, wmma::col_major> b;
+            wmma::load_matrix_sync(b, tq + ct * kTile * ldt + d + s * kTile, static_cast<unsigned>(ldt));
+            wmma::mma_sync(acc[ct], a[s], b, acc[ct]);
+          }
+        }
       }
-      score = alpha * gs + (1.f - alpha) * (wsum / esum);
+      for (; d < D; d += kTile) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, V, wmma::row_major> a;
+        wmma::load_matrix_sync(a, rows + d, static_cast<unsigned>(D));
+#pragma unroll
+        for (int ct = 0; ct < CT; ++ct) {
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, V, wmma::col_major> b;
+          wmma::load_matrix_sync(b, tq + ct * kTile * ldt + d, static_cast<unsigned>(ldt));
+          wmma::mma_sync(acc[ct], a, b, acc[ct]);
+        }
+      }
+#pragma unroll
+      for (int ct = 0; ct < CT; ++ct)
+        wmma::store_matrix_sync(sims + rt * kTile * kCols + ct * kTile, acc[ct], kCols, wmma::mem_row_major);
     }
-    out.put(q0 + col, n0 + image, score);
+    __syncthreads();
+    // epilogue: image i of the step (tile i / 16) and query column col
+    for (int64_t pair = threadIdx.x; pair < per_step * kTile * kCols; pair += blockDim.x) {
+      const int64_t i = pair / kCols, col = pair % kCols, tile = first + i / kTile, image = i % kTile;
+      if (tile >= tiles || q0 + col >= Q) continue;
+      const float* base = sims + (i / kTile) * rpt * kTile * kCols;
+      const float gs = base[image * kCols + col];
+      float score = gs;
+      if (MODE == Mode::Text) {
+        float mx = -INFINITY, esum = 0.f, wsum = 0.f;
+        for (int64_t j = 0; j < K; ++j) {
+          const float cs = base[(kTile + image * K + j) * kCols + col];
+          softmax_step(cs, cs, inv_tau, mx, esum, wsum);
+        }
+        score = alpha * gs + (1.f - alpha) * (wsum / esum);
+      }
+      out.put(q0 + col, n_first + tile * kTile + image, score);
+    }
+    __syncthreads();  // sims is rewritten by the next step
   }
 #endif
 }
 
 // ------------------------------------------------------------------------------------------------ dispatch
 
-// The queries of one call: fp32 rows for the CUDA-core kernels, and for the tensor kernel (2-byte rows, Q >= 9)
-// their high and low parts in the rows' dtype, with 64 zero rows appended.
+// The queries of one call as fp32 rows (the CUDA-core kernels read them so); the tensor kernel reads the operator's
+// own T, which is in the rows' dtype.
 struct Queries {
-  at::Tensor f32, hi, lo;
+  at::Tensor f32, native;
 };
 
 constexpr int64_t kTensorMinQueries = 9;
@@ -395,18 +441,29 @@ bool launch_small(const Queries& qs, const at::Tensor& G, const at::Tensor& C, f
   return true;
 }
 
+int multiprocessors() {
+  int device = 0, count = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  return count;
+}
+
 template <typename scalar_t, Mode MODE, int CT>
 bool launch_tensor(const Queries& qs, const at::Tensor& G, const at::Tensor& C, float alpha, float inv_tau,
                    int64_t q0, int64_t qn, int64_t n_first, int64_t tiles, Output out, cudaStream_t stream) {
   const int64_t D = G.size(1), K = C.size(1);
-  const int64_t row_tiles = MODE == Mode::Global ? 1 : 1 + K;
-  const int64_t bytes = row_tiles * kTile * kTile * CT * static_cast<int64_t>(sizeof(float));
+  const int64_t per_step = image_tiles_per_step(MODE, K), step_rows = per_step * rows_per_image_tile(MODE, K);
+  const int64_t bytes = kTile * CT * (D + kTile) * static_cast<int64_t>(sizeof(scalar_t)) +
+                        step_rows * kTile * kTile * CT * static_cast<int64_t>(sizeof(float));
   auto kernel = tensor_kernel<scalar_t, MODE, CT>;
   if (!allow_shared(kernel, bytes)) return false;
-  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>((qn + kTile * CT - 1) / (kTile * CT)));
-  kernel<<<grid, kTensorThreads, bytes, stream>>>(
-      qs.hi.data_ptr<scalar_t>() + q0 * D, qs.lo.data_ptr<scalar_t>() + q0 * D, G.data_ptr<scalar_t>(),
-      C.data_ptr<scalar_t>(), qn, K, D, alpha, inv_tau, n_first, out);
+  const int warps = static_cast<int>(std::min<int64_t>(kMaxTensorWarps, step_rows));
+  const int64_t steps = (tiles + per_step - 1) / per_step;
+  const int64_t resident = 2 * static_cast<int64_t>(multiprocessors()) * std::max<int64_t>(1, 200 * 1024 / bytes);
+  const dim3 grid(static_cast<unsigned>(std::max<int64_t>(1, std::min(steps, resident))),
+                  static_cast<unsigned>((qn + kTile * CT - 1) / (kTile * CT)));
+  kernel<<<grid, warps * 32, bytes, stream>>>(qs.native.data_ptr<scalar_t>() + q0 * D, G.data_ptr<scalar_t>(),
+                                               C.data_ptr<scalar_t>(), qn, K, D, alpha, inv_tau, n_first, tiles, out);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return true;
 }
@@ -424,7 +481,7 @@ void launch_mode(const Queries& qs, const at::Tensor& G, const at::Tensor& C, fl
   if constexpr (!std::is_same_v<scalar_t, float> && MODE != Mode::Image) {
     const bool rows_aligned32 = D % kTile == 0 && aligned32(G.data_ptr()) && (MODE == Mode::Global || aligned32(c_ptr));
     const int64_t tiles = nn / kTile;
-    if (qs.hi.defined() && qn >= kTensorMinQueries && rows_aligned32 && tiles > 0) {
+    if (qn >= kTensorMinQueries && rows_aligned32 && tiles > 0) {
       const bool launched = qn <= 16   ? launch_tensor<scalar_t, MODE, 1>(qs, G, C, alpha, inv_tau, q0, qn, n0, tiles, out, stream)
                             : qn <= 32 ? launch_tensor<scalar_t, MODE, 2>(qs, G, C, alpha, inv_tau, q0, qn, n0, tiles, out, stream)
                                        : launch_tensor<scalar_t, MODE, 4>(qs, G, C, alpha, inv_tau, q0, qn, n0, tiles, out, stream);
@@ -455,20 +512,8 @@ void launch_typed(const Queries& qs, const at::Tensor& G, const at::Tensor& C, f
     launch_mode<scalar_t, Mode::Image>(qs, G, C, alpha, inv_tau, q0, qn, n0, nn, out);
 }
 
-Queries make_queries(const at::Tensor& T, const at::Tensor& G) {
-  Queries qs;
-  qs.f32 = T.to(at::kFloat).contiguous();
-  if (G.scalar_type() == at::kHalf || G.scalar_type() == at::kBFloat16) {
-    // a pass reads whole tiles of up to 64 queries from any first query: 64 zero rows past Q cover the last
-    const at::Tensor padded = at::constant_pad_nd(qs.f32, {0, 0, 0, 64});
-    at::Tensor hi = padded.to(G.scalar_type());
-    // queries beyond the 2-byte type's range (fp16 overflows past 65504) stay on the fp32 CUDA-core kernels
-    if (T.size(0) >= kTensorMinQueries && at::isfinite(hi).all().item<bool>()) {
-      qs.lo = (padded - hi.to(at::kFloat)).to(G.scalar_type());
-      qs.hi = hi;
-    }
-  }
-  return qs;
+Queries make_queries(const at::Tensor& T) {
+  return {T.to(at::kFloat).contiguous(), T.contiguous()};
 }
 
 void launch_scores(const Queries& qs, const at::Tensor& G, const at::Tensor& C, double alpha, double tau,
@@ -499,7 +544,7 @@ void launch_scores(const Queries& qs, const at::Tensor& G, const at::Tensor& C, 
 at::Tensor scores_cuda(const at::Tensor& T, const at::Tensor& G, const at::Tensor& C, double alpha, double tau,
                        bool weights_is_text) {
   const c10::cuda::CUDAGuard guard(T.device());
-  const Queries qs = make_queries(T, G);
+  const Queries qs = make_queries(T);
   const int64_t Q = T.size(0), N = G.size(0);
   at::Tensor out = at::empty({Q, N}, T.options().dtype(at::kFloat));
   launch_scores(qs, G, C, alpha, tau, weights_is_text, 0, Q, 0, N, Output{out.data_ptr<float>(), nullptr, 0, N, 0});
@@ -509,7 +554,7 @@ at::Tensor scores_cuda(const at::Tensor& T, const at::Tensor& G, const at::Tenso
 std::tuple<at::Tensor, at::Tensor> topk_cuda(const at::Tensor& T, const at::Tensor& G, const at::Tensor& C,
                                              int64_t k, double alpha, double tau, bool weights_is_text) {
   const c10::cuda::CUDAGuard guard(T.device());
-  const Queries qs = make_queries(T, G);
+  const Queries qs = make_queries(T);
   const int64_t Q = T.size(0), N = G.size(0);
   const TopkPlan plan = plan_topk_chunks(Q, N, k);
   return chunked_topk(Q, N, k, plan, T.options(),

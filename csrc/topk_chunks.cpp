@@ -16,11 +16,11 @@ std::tuple<at::Tensor, at::Tensor> decode_keys(const at::Tensor& keys) {
 
 }  // namespace
 
-int64_t chunk_footprint(int64_t q, int64_t n, int64_t k) { return 8 * q * (n + 8 * k); }
+int64_t chunk_footprint(int64_t q, int64_t n, int64_t k) { return q * (kTopkKeyBytes * n + 64 * k); }
 
 TopkPlan plan_topk_chunks(int64_t Q, int64_t N, int64_t k, int64_t budget_bytes) {
   const int64_t min_columns = std::min(N, kTopkMinColumns);
-  const int64_t widest = budget_bytes / 8 / std::max<int64_t>(Q, 1) - 8 * k;
+  const int64_t widest = (budget_bytes / std::max<int64_t>(Q, 1) - 64 * k) / kTopkKeyBytes;
   const int64_t n_chunk = std::clamp(widest, min_columns, N);
   const int64_t q_chunk = std::clamp(budget_bytes / chunk_footprint(1, n_chunk, k), int64_t{1}, std::max<int64_t>(Q, 1));
   return {q_chunk, n_chunk, chunk_footprint(q_chunk, n_chunk, k)};

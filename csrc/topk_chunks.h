@@ -50,8 +50,13 @@ struct TopkPlan {
   int64_t peak_bytes;  // the chunk buffers' footprint at this plan (chunk_footprint)
 };
 
-// Bytes held at once for a chunk of q queries x n images: the key buffer (8 n per query) plus the running best
-// list, the chunk's selection and the merge temporaries (at most 8 lists of k keys/indices per query).
+// Bytes a chunk's key costs: the int64 key plus torch.topk's selection scratch (measured on an H200: ~0.9 byte per
+// key of a 64 MB chunk; 2 are counted).
+constexpr int64_t kTopkKeyBytes = 10;
+
+// Bytes held at once for a chunk of q queries x n images: the keys and topk's scratch (kTopkKeyBytes n per query)
+// plus the running best list, the chunk's selection and the merge temporaries (at most 8 lists of k keys/indices
+// per query).
 int64_t chunk_footprint(int64_t q, int64_t n, int64_t k);
 
 // Chunks as wide as the budget allows with every query in one chunk (at least min(N, kTopkMinColumns) images),

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from .errors import ImageDecodeError
-from .index.thumbnails import THUMBNAIL_SIZE, make_thumbnail
+from .index.thumbnails import JPEG_QUALITY, THUMBNAIL_SIZE, make_thumbnail
 from .laclip import CropConfig, crop_boxes
 from .preprocess import CLIP_MEAN, CLIP_STD, DEFAULT_MAX_PIXELS, ImageInput, describe, load_image
 
@@ -62,14 +62,7 @@ class DeviceViewMaker:
 
     def __call__(self, images: Sequence[ImageInput], *, thumbnails: bool = False) -> DeviceViews:
         decoded = self.decode(images)
-        r = self.resolution
-        out = torch.empty((len(decoded), self.views_per_image, 3, r, r), device=self.device)
-        thumbs = [] if thumbnails else None
-        for i, (pixels, seed) in enumerate(decoded):
-            out[i] = self.views(pixels, seed)
-            if thumbs is not None:
-                thumbs.append(self.thumbnail(pixels))
-        return DeviceViews(out, thumbs)
+        return DeviceViews(self.views(decoded), self.thumbnails([p for p, _ in decoded]) if thumbnails else None)
 
     def decode(self, images: Sequence[ImageInput]) -> list[tuple[torch.Tensor, int]]:
         """[3, H, W] uint8 RGB on the device and the crop seed of each input: JPEG files by nvJPEG in one batch,
@@ -96,30 +89,45 @@ class DeviceViewMaker:
                 out[i] = (host.to(self.device, non_blocking=True), seed)
         return out  # type: ignore[return-value]
 
-    def views(self, pixels: torch.Tensor, seed: int) -> torch.Tensor:
-        """[1 + K, 3, R, R] normalised views of one decoded image: the whole image, then its crops."""
-        _, height, width = pixels.shape
-        regions = [pixels]
-        if self.crops is not None:
-            regions += [pixels[:, top:bottom, left:right]
-                        for left, top, right, bottom in crop_boxes(width, height, self.crops, seed)]
-        resized = torch.cat([self._resize(region) for region in regions])
-        return resized.div_(255).sub_(self._mean).div_(self._std)
+    def views(self, decoded: Sequence[tuple[torch.Tensor, int]]) -> torch.Tensor:
+        """[n, 1 + K, 3, R, R] normalised views of decoded images: each whole image, then its crops. Resized views
+        are written in place; rounding to uint8 levels (as PIL's) and normalising run once for the batch."""
+        r = self.resolution
+        out = torch.empty((len(decoded), self.views_per_image, 3, r, r), device=self.device)
+        for i, (pixels, seed) in enumerate(decoded):
+            image = pixels.float()
+            _, height, width = pixels.shape
+            regions = [image]
+            if self.crops is not None:
+                regions += [image[:, top:bottom, left:right]
+                            for left, top, right, bottom in crop_boxes(width, height, self.crops, seed)]
+            for v, region in enumerate(regions):
+                out[i, v] = self._resize(region)[0]
+        return out.round_().clamp_(0, 255).div_(255).sub_(self._mean).div_(self._std)
 
-    def thumbnail(self, pixels: torch.Tensor) -> bytes:
-        """The index's ~256 px JPEG thumbnail, downscaled on the device and encoded by PIL (as the PIL path)."""
-        _, height, width = pixels.shape
-        scale = min(1.0, THUMBNAIL_SIZE / max(width, height))
-        size = (max(1, round(height * scale)), max(1, round(width * scale)))
-        small = pixels if scale == 1.0 else self._resize(pixels, size)[0].to(torch.uint8)
-        return make_thumbnail(Image.fromarray(small.permute(1, 2, 0).cpu().numpy()))
+    def thumbnails(self, images: Sequence[torch.Tensor]) -> list[bytes]:
+        """The index's ~256 px JPEG thumbnails (aspect kept, never enlarged), downscaled on the device and encoded
+        by nvJPEG in one batch where torchvision can, else by PIL."""
+        small = []
+        for pixels in images:
+            _, height, width = pixels.shape
+            scale = min(1.0, THUMBNAIL_SIZE / max(width, height))
+            size = (max(1, round(height * scale)), max(1, round(width * scale)))
+            small.append(pixels if scale == 1.0 else self._resize(pixels.float(), size)[0].round_().clamp_(0, 255)
+                         .to(torch.uint8))
+        if self.device.type == "cuda":
+            from torchvision.io import encode_jpeg
+
+            try:
+                return [bytes(blob.cpu().numpy()) for blob in encode_jpeg(small, quality=JPEG_QUALITY)]
+            except (RuntimeError, TypeError):  # an older torchvision without batched GPU encoding
+                pass
+        return [make_thumbnail(Image.fromarray(t.permute(1, 2, 0).cpu().numpy())) for t in small]
 
     def _resize(self, region: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
-        """[1, 3, h, w] float32 bicubic resize with antialiasing, rounded and clamped to uint8 values as PIL's."""
-        size = size or (self.resolution, self.resolution)
-        x = torch.nn.functional.interpolate(region[None].float(), size=size, mode="bicubic", antialias=True,
-                                            align_corners=False)
-        return x.round_().clamp_(0, 255)
+        """[1, 3, h, w] float32 bicubic resize of a float [3, H, W] region with antialiasing (PIL's filter)."""
+        return torch.nn.functional.interpolate(region[None], size=size or (self.resolution, self.resolution),
+                                               mode="bicubic", antialias=True, align_corners=False)
 
     def _decode_one(self, data: torch.Tensor) -> torch.Tensor | None:
         from torchvision.io import ImageReadMode, decode_jpeg

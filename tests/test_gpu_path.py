@@ -219,7 +219,7 @@ def test_device_scan_equals_the_host_scan(tmp_path, score):
     cpu = _index(tmp_path, 2000)
     gpu = Index.open(tmp_path / "idx", device="cuda")
     t = _unit(9, 64, seed=5)
-    t[0] = cpu.snapshot().array("image_vectors")[10]  # a query close to one image: an unambiguous top hit
+    t[0] = cpu.snapshot().array("image_global")[10]  # a query close to one image: an unambiguous top hit
     want = cpu.search_images(t, 20, score=score, exact=True)
     for phase in ("streamed", "resident"):
         got = gpu.search_images(t, 20, score=score, exact=True)

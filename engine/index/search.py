@@ -70,11 +70,15 @@ class Placement:
 
     def pooled(self, part: Part, score: ScoreConfig, rows: RowSelection) -> torch.Tensor:
         """Pooled vectors of `rows` for (tau, alpha) in the storage dtype. With resident rows they are pooled on the
-        device once per setting (kept LRU); a host scan reads the segment's cached pooled column; ANN candidates
-        on the host are pooled as gathered, so no query pays for the whole column."""
+        device once per setting (kept LRU), streamed rows on the device as they arrive; a host scan reads the
+        segment's cached pooled column; ANN candidates on the host are pooled as gathered, so no query pays for
+        the whole column."""
         resident = self.resident_pooled(part, score)
         if resident is not None:
             return resident[rows if isinstance(rows, slice) else torch.from_numpy(rows).to(self.device)]
+        if self.on_device:  # streamed rows are pooled where they land, never the whole column on the host
+            g, c = self.rows(part, "vectors", rows), self.rows(part, "crops", rows)
+            return pooled_vectors(g.float(), c.float(), alpha=score.alpha, tau=score.tau).to(g.dtype)
         if isinstance(rows, slice):
             return self.tensor(part.pooled(score, scoring.pool)[rows])
         return self.tensor(scoring.pool(part.vectors[rows], part.crops[rows], score).astype(part.vectors.dtype))
@@ -223,11 +227,24 @@ def search(snapshot: Snapshot, scorer: Scorer, k: int, *, exact: bool, ann: AnnC
     scorer = scorer.bind(place)
     use_ann = not exact and ann.kind != "none" and snapshot.live(scorer.kind) >= ann.exact_below
     pieces: list[list[tuple[np.ndarray, int, np.ndarray]]] = [[] for _ in range(queries)]
+    on_device: list[tuple[int, LiveSegment, torch.Tensor, torch.Tensor]] = []
     for position, live, part in snapshot.parts(scorer.kind):
         if use_ann and part.ann is not None:
             _ann_segment(scorer, part, live, position, k, ann, place, pieces)
+        elif place.on_device:
+            on_device.append((position, live, *_device_candidates(scorer, part, live, k, place)))
         else:
             _scan_segment(scorer, part, live, position, k, place, pieces)
+    if on_device:  # one copy to the host for every segment's candidates
+        widths = [values.shape[1] for _, _, values, _ in on_device]
+        values = torch.cat([v for _, _, v, _ in on_device], dim=1).cpu().numpy()
+        rows = torch.cat([r for _, _, _, r in on_device], dim=1).cpu().numpy()
+        start = 0
+        for (position, live, _, _), width in zip(on_device, widths):
+            for q in range(queries):
+                _collect(pieces[q], values[q, start:start + width], rows[q, start:start + width], live,
+                         scorer.kind, position, k)
+            start += width
     found = [_merge(p, k) for p in pieces]
     short = np.array([i for i, f in enumerate(found) if len(f.rows) < k], dtype=np.int64)
     if use_ann and len(short):
@@ -238,9 +255,6 @@ def search(snapshot: Snapshot, scorer: Scorer, k: int, *, exact: bool, ann: AnnC
 
 def _scan_segment(scorer: Scorer, part: Part, live: LiveSegment, position: int, k: int, place: Placement,
                   pieces: list[list]) -> None:
-    if place.on_device:
-        _scan_segment_on_device(scorer, part, live, position, k, place, pieces)
-        return
     for start, stop in _blocks(part):
         scores = scorer.scores(part, slice(start, stop), place).float().cpu().numpy()
         rows = np.arange(start, stop)
@@ -255,28 +269,24 @@ def _blocks(part: Part) -> list[tuple[int, int]]:
     return [(start, min(part.rows, start + step)) for start in range(0, part.rows, step)]
 
 
-def _scan_segment_on_device(scorer: Scorer, part: Part, live: LiveSegment, position: int, k: int,
-                            place: Placement, pieces: list[list]) -> None:
-    """The scan on a GPU: the kernel's top-k over resident rows (k + deleted candidates, deleted ones dropped on
-    the host), else each block's top-k on the device; one host copy of the candidates per segment."""
+def _device_candidates(scorer: Scorer, part: Part, live: LiveSegment, k: int,
+                       place: Placement) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, rows) [Q, <= k + deleted] of one segment on the GPU, left there: the kernel's top-k over resident
+    rows (k + deleted candidates; the deleted ones are dropped on the host), else each block's top-k on the
+    device with deleted rows masked."""
     deleted = len(live.deleted.get(scorer.kind, ()))
-    want = min(part.rows, k + deleted)
-    fused = scorer.fused_topk(part, want, place)
+    fused = scorer.fused_topk(part, min(part.rows, k + deleted), place)
     if fused is not None:
-        values, rows = fused
-    else:
-        mask = place.deleted(live, scorer.kind)
-        best: tuple[torch.Tensor, torch.Tensor] | None = None
-        for start, stop in _blocks(part):
-            scores = scorer.scores(part, slice(start, stop), place).float()
-            if mask is not None:
-                scores = scores.masked_fill(mask[start:stop], float("-inf"))
-            block = device_topk(scores, min(k, stop - start), offset=start)
-            best = block if best is None else device_topk_merge(best, block, k)
-        values, rows = best
-    values, rows = values.cpu().numpy(), rows.cpu().numpy()
-    for q in range(len(values)):
-        _collect(pieces[q], values[q], rows[q], live, scorer.kind, position, k)
+        return fused
+    mask = place.deleted(live, scorer.kind)
+    best: tuple[torch.Tensor, torch.Tensor] | None = None
+    for start, stop in _blocks(part):
+        scores = scorer.scores(part, slice(start, stop), place).float()
+        if mask is not None:
+            scores = scores.masked_fill(mask[start:stop], float("-inf"))
+        block = device_topk(scores, min(k, stop - start), offset=start)
+        best = block if best is None else device_topk_merge(best, block, k)
+    return best
 
 
 def sort_keys(scores: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
