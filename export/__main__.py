@@ -17,6 +17,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m export", description=__doc__)
     parser.add_argument("--model", required=True, choices=available_models())
     parser.add_argument("--checkpoint", default=None, help="cn_clip checkpoint (default: the official weights)")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="seeded random weights in the model's structure instead of a checkpoint (timing trials)")
     parser.add_argument("--out", required=True, help="export directory to create or replace")
     parser.add_argument("--format", default="onnx", choices=FORMATS)
     parser.add_argument("--precision", default="fp32", choices=(*PRECISIONS, AUTO),
@@ -31,14 +33,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import_onnxruntime()
         manifest = export_model(args.model, args.out, args.checkpoint, args.format, args.precision,
-                                args.images, args.texts, args.min_cosine)
+                                args.images, args.texts, args.min_cosine, random_weights=args.random_weights)
     except EngineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     summary = {"out": args.out, "precision": manifest.precision, "parity": manifest.parity}
     if manifest.selection:
         summary["candidates"] = manifest.selection["candidates"]
+        summary["towers"] = {t: s["chosen"] for t, s in manifest.selection.get("towers", {}).items()}
     print(json.dumps(summary, indent=2))
+    if manifest.selection.get("summary"):
+        print(manifest.selection["summary"])
     return 0
 
 

@@ -1,8 +1,12 @@
 """`export_model`: checkpoint -> ONNX (and TensorRT) towers + manifest.json, gated on parity with fp32 PyTorch.
 
-`precision="auto"` builds every candidate precision from one fp32 export, gates each on parity, times each on
-this machine (export.timing) and keeps those that pass, each in its own sub-directory; the top-level manifest
-describes the fastest and records every candidate's figures and the machine (ExportManifest.selection).
+`precision="auto"` builds every candidate precision from one fp32 export, gates each on parity, times each tower
+of each on this machine with repeats, and keeps those that pass, each in its own sub-directory. The torch
+precisions this CPU runs (bf16 and bf16-compiled with bf16 units, int8-text with the extension) are gated and timed
+the same way from the checkpoint. Each tower is then chosen on its own by the noise rule of
+engine.backends.auto_precision (a candidate wins only by more than the measured spread). The top-level manifest
+describes the fastest ONNX precision overall (the legacy single choice) and records, in `selection`, every
+candidate's samples and parity per tower, the per-tower choices and a one-line summary.
 """
 from __future__ import annotations
 
@@ -15,6 +19,8 @@ from pathlib import Path
 import torch
 
 from engine.backends import Encoder
+from engine.backends.auto_precision import (TOWERS, TowerCandidate, choose_tower, choose_towers, summary_line,
+                                            time_samples, torch_candidates)
 from engine.backends.base import trim_padding
 from engine.backends.cpu_features import cpu_info
 from engine.backends.export_manifest import MANIFEST_NAME, ExportManifest, TowerEntry
@@ -30,11 +36,13 @@ from .onnx_export import (ONNXRUNTIME_OPSET, PRECISIONS, TENSORRT_OPSET, Calibra
 from .parity import (THRESHOLDS, ParityError, ParityInputs, check, generated_pixels, generated_token_ids, lowest,
                      Reference, measure, reference, user_pixels, user_token_ids)
 from .tensor_names import TEXT_INPUT, TEXT_OUTPUT, VISION_INPUT, VISION_OUTPUT
-from .timing import measure_speed, query_token_ids
+from .timing import query_token_ids
 
 FORMATS = ("onnx", "tensorrt")
 AUTO = "auto"
 AUTO_CANDIDATES = {"onnx": ("fp32", "int8", "int8-static"), "tensorrt": ("fp32", "fp16")}
+AUTO_TORCH = ("bf16", "bf16-compiled", "int8-text")  # torch fp32 is the reference: never faster than ONNX fp32
+AUTO_REPEATS = 5
 TENSORRT_PRECISIONS = ("fp32", "fp16")
 
 
@@ -48,6 +56,7 @@ class _Job:
     context_length: int
     inputs: ParityInputs
     min_cosine: float | None
+    checkpoint: str | None = None
 
     @property
     def opset(self) -> int:
@@ -128,63 +137,98 @@ def _export_one(job: _Job, precision: str, staging: Path, calibration: Calibrati
     return manifest
 
 
+def _tower_min(parity: dict, tower: str) -> float:
+    return min(s["min"] for s in parity[tower].values())
+
+
 def _export_auto(job: _Job, staging: Path, calibration: Calibration) -> ExportManifest:
     """Every candidate precision in its own sub-directory of `staging`; failing ones removed; the fastest passing
-    one described by the returned top-level manifest."""
+    one described by the returned top-level manifest, the per-tower choices recorded in its selection."""
     spec = job.loaded.spec
     ref = reference(job.loaded.model, job.inputs)
     pixels = job.inputs.pixels["generated"][:8]
-    queries = query_token_ids(job.context_length)
+    query = query_token_ids(job.context_length)[:1]  # a search query: one text of 8 tokens
     fp32_dir = staging / "fp32"
     fp32_dir.mkdir()
     fp32 = build_towers(job.loaded.model, spec.input_resolution, spec.config()["text_max_position_embeddings"],
                         "fp32", fp32_dir, job.opset)
     candidates: dict[str, dict] = {}
     manifests: dict[str, ExportManifest] = {}
+    towers: dict[str, list[TowerCandidate]] = {t: [] for t in TOWERS}
+    backend, device = job.runtime
     for precision in AUTO_CANDIDATES[job.fmt]:
         directory = staging / precision
         directory.mkdir(exist_ok=True)
         files = fp32 if precision == "fp32" else convert(fp32, precision, directory, calibration)
         manifest = _write_manifest(job, precision, files, directory)
         entry: dict = {"directory": precision}
+        per_tower = {t: TowerCandidate(f"{job.fmt}-{precision}", backend, precision) for t in TOWERS}
         try:
             encoder = _gate(job, manifest, directory, ref)
         except ParityError as exc:
             entry.update(passed=False, reason=str(exc))
+            for cand in per_tower.values():
+                cand.reason = str(exc)
         else:
-            entry.update(passed=True, **measure_speed(encoder, pixels, queries).as_dict())
+            per_tower["vision"].samples = time_samples(lambda: encoder.encode_images(pixels), AUTO_REPEATS)
+            per_tower["text"].samples = time_samples(lambda: encoder.encode_texts(query), AUTO_REPEATS)
+            vision_s, text_s = per_tower["vision"].median, per_tower["text"].median
+            entry.update(passed=True, vision_s=vision_s, text_s=text_s, seconds=vision_s + text_s)
             manifests[precision] = manifest
             del encoder
         entry.update(min_cosine=lowest(manifest.parity), threshold=manifest.parity["threshold"])
         candidates[precision] = entry
+        for tower, cand in per_tower.items():
+            cand.threshold, cand.min_cosine = manifest.parity["threshold"], _tower_min(manifest.parity, tower)
+            towers[tower].append(cand)
     for precision, entry in candidates.items():
         if not entry["passed"] and precision != "fp32":
             shutil.rmtree(staging / precision)
     if not manifests:
         raise ParityError(f"no precision passed parity: {'; '.join(c['reason'] for c in candidates.values())}")
+    if job.fmt == "onnx":
+        def parity(encoder: Encoder) -> dict[str, float]:
+            report = measure(ref, encoder, job.inputs)
+            return {t: _tower_min(report, t) for t in TOWERS}
+
+        overrides = None if job.min_cosine is None else {p: job.min_cosine for p in AUTO_TORCH}
+        timed, _ = torch_candidates(job.loaded.model, spec.input_resolution, pixels, query, parity, AUTO_REPEATS,
+                                    AUTO_TORCH, overrides)
+        for tower in TOWERS:
+            towers[tower] += timed[tower]
+    choices = choose_towers(towers)
+    exported = {t: choose_tower([c for c in towers[t] if c.backend == backend]) for t in TOWERS}
     chosen = min(manifests, key=lambda p: candidates[p]["seconds"])
     if not candidates["fp32"]["passed"]:
         shutil.rmtree(fp32_dir)
     best = manifests[chosen]
-    backend, device = job.runtime
+    tower_selection = {t: {"chosen": choices[t].name, f"chosen_{backend}": exported[t].name,
+                           "candidates": {c.name: c.as_dict() for c in towers[t]}} for t in TOWERS}
     return replace(best, vision=replace(best.vision, file=f"{chosen}/{best.vision.file}"),
                    text=replace(best.text, file=f"{chosen}/{best.text.file}"),
                    selection={"chosen": chosen, "rule": "fastest passing: least seconds for the workload",
-                              "workload": f"{len(pixels)} images + {len(queries)} queries of "
-                                          f"{int(queries.ne(PAD_ID).sum(1).max())} tokens, best of 3 calls per tower",
+                              "workload": f"{len(pixels)} images, and 1 query of "
+                                          f"{int(query.ne(PAD_ID).sum(1).max())} tokens; median of "
+                                          f"{AUTO_REPEATS} calls per tower after a warm-up",
+                              "tower_rule": "per tower: the first passing candidate (ONNX fp32) unless another's "
+                                            "median is lower by more than the larger spread (max - min) of the two",
                               "backend": backend, "device": device, "machine": cpu_info().as_dict(),
-                              "threads": torch.get_num_threads(), "candidates": candidates})
+                              "threads": torch.get_num_threads(), "candidates": candidates,
+                              "towers": tower_selection, "checkpoint": job.checkpoint,
+                              "summary": summary_line(choices, towers)})
 
 
 def export_model(model: str, out: str | Path, checkpoint: str | Path | None = None, fmt: str = "onnx",
                  precision: str = "fp32", images: str | Path | None = None, texts: str | Path | None = None,
-                 min_cosine: float | None = None, context_length: int = DEFAULT_CONTEXT_LENGTH) -> ExportManifest:
+                 min_cosine: float | None = None, context_length: int = DEFAULT_CONTEXT_LENGTH, *,
+                 random_weights: bool = False) -> ExportManifest:
     """Export `model`'s towers into `out`; raises ParityError (nothing written) when parity is below threshold
-    (for `precision="auto"`: when no candidate passes)."""
+    (for `precision="auto"`: when no candidate passes). `random_weights`: the model's structure with seeded random
+    weights instead of a checkpoint (timing an export without downloading one)."""
     _check_arguments(fmt, precision)
     out = Path(out)
     _check_target(out)
-    loaded = load_model(checkpoint, model)
+    loaded = load_model(checkpoint, model, random_weights=random_weights)
     resolution = loaded.spec.input_resolution
     inputs = ParityInputs({"generated": generated_pixels(resolution)},
                           {"generated": generated_token_ids(context_length)})
@@ -193,7 +237,8 @@ def export_model(model: str, out: str | Path, checkpoint: str | Path | None = No
     if texts is not None:
         inputs.token_ids["user"] = user_token_ids(texts, context_length)
     calibration = _calibration(inputs, resolution, context_length) if precision in (AUTO, "int8-static") else None
-    job = _Job(model, loaded, fmt, context_length, inputs, min_cosine)
+    job = _Job(model, loaded, fmt, context_length, inputs, min_cosine,
+               None if checkpoint is None else str(Path(checkpoint).resolve()))
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.staging-"))
     try:

@@ -1,13 +1,16 @@
 """Open a `python -m export` directory as an Encoder: the runtime side of an export (export/ writes, this reads).
 
 `open_encoder` is what `Retriever.from_export` and the server use. For an export made with `--precision auto`
-(several precisions side by side), `choose_precision` names the one to serve on this machine: the fastest that
-passed parity when the export timed them, among those whose hardware this CPU has.
+(several precisions side by side), `choose_precision` names the one precision that was fastest over both towers
+(among those whose hardware this CPU has), and `choose_towers` what auto chose for each tower on its own (ONNX or
+torch). `open_encoder(precision=None)` serves the per-tower choice: each tower from its chosen ONNX precision, or
+from the torch precision auto chose when the export's checkpoint is at hand (the same file, by hash), else from that
+tower's best ONNX precision.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +22,12 @@ from .export_manifest import ExportManifest, load_manifest
 
 BACKENDS = ("onnxruntime", "tensorrt")
 # Precisions that are only worth serving where the CPU has the matching dot-product units.
-NEEDS_CPU = {"bf16": ("bf16", "bf16 dot products (AMX or AVX512-BF16)")}
+NEEDS_CPU = {"bf16": ("bf16", "bf16 dot products (AMX or AVX512-BF16)"),
+             "bf16-compiled": ("bf16", "bf16 dot products (AMX or AVX512-BF16)")}
 log = logging.getLogger(__name__)
 
-__all__ = ["BACKENDS", "ExportManifest", "choose_precision", "load_manifest", "open_encoder", "runnable_here"]
+__all__ = ["BACKENDS", "ExportManifest", "choose_precision", "choose_towers", "load_manifest", "open_encoder",
+           "runnable_here"]
 
 
 def _settings(cls: type, options: dict[str, Any], backend: str):
@@ -59,6 +64,72 @@ def choose_precision(directory: str | Path) -> str:
     return min(usable, key=lambda name: usable[name]["seconds"])
 
 
+def choose_towers(directory: str | Path) -> dict[str, dict[str, str]]:
+    """Per tower, what an auto export chose: {"vision": {"chosen": "onnx-int8", "onnx": "int8"}, ...}, where
+    "onnx" is that tower's best ONNX precision (served when the choice is a torch precision and the checkpoint is
+    not at hand). Empty for an export without per-tower timings."""
+    manifest = load_manifest(directory)
+    out: dict[str, dict[str, str]] = {}
+    measured_on = manifest.selection.get("machine", {}).get("model")
+    if manifest.selection.get("towers") and measured_on and measured_on != cpu_info().model:
+        log.warning("export %s was timed on %s, this is %s: serving the per-tower choice made there", directory,
+                    measured_on, cpu_info().model)
+    for tower, entry in manifest.selection.get("towers", {}).items():
+        onnx = entry.get("chosen_onnxruntime")
+        if onnx is None:
+            continue
+        chosen = entry["chosen"]
+        if chosen.startswith("torch-") and runnable_here(chosen[len("torch-"):]) is not None:
+            chosen = onnx
+        out[tower] = {"chosen": chosen, "onnx": entry["candidates"][onnx]["precision"]}
+    return out
+
+
+def _torch_model(directory: Path, manifest: ExportManifest) -> Any | None:
+    """The export's checkpoint as a model when it is at hand and is the one exported (by hash), else None."""
+    from engine.models import file_sha256, load_model
+
+    path = manifest.selection.get("checkpoint")
+    if manifest.checkpoint_hash.startswith("random-seed-"):
+        return load_model(None, manifest.model, random_weights=True).model
+    if not path or not Path(path).is_file() or file_sha256(path) != manifest.checkpoint_hash:
+        log.info("export %s: checkpoint %s not at hand (or changed); serving its ONNX towers", directory, path)
+        return None
+    return load_model(path, manifest.model).model
+
+
+def _per_tower_encoder(directory: Path, top: ExportManifest, device: str, options: dict[str, Any],
+                       towers: dict[str, dict[str, str]]) -> tuple[Encoder, ExportManifest]:
+    """Each tower from its chosen precision (see choose_towers)."""
+    from .onnx_backend import OnnxEncoder, OrtSettings
+
+    settings = _settings(OrtSettings, options, "onnxruntime")
+    manifests = {t: load_manifest(_precision_directory(directory, top, towers[t]["onnx"])) for t in towers}
+    paths = {t: _precision_directory(directory, top, towers[t]["onnx"]) / getattr(manifests[t], t).file
+             for t in towers}
+    onnx = OnnxEncoder(paths["vision"], paths["text"], device=device, settings=settings,
+                       expected_metadata={t: manifests[t].metadata(t) for t in towers},
+                       embed_dim=top.embed_dim, input_resolution=top.input_resolution, pad_id=top.pad_id)
+    served = {t: f"onnx-{towers[t]['onnx']}" for t in towers}
+    wanted = {t: towers[t]["chosen"][len("torch-"):] for t in towers if towers[t]["chosen"].startswith("torch-")}
+    model = _torch_model(directory, top) if wanted and device == "cpu" else None
+    encoder: Encoder = onnx
+    if model is not None:
+        from .auto_precision import PerTowerEncoder
+        from .torch_backend import TorchEncoder
+
+        built = {p: TorchEncoder(model, top.input_resolution, precision=p, pad_id=top.pad_id)
+                 for p in set(wanted.values())}
+        parts = {t: built[wanted[t]] if t in wanted else onnx for t in ("vision", "text")}
+        served.update({t: f"torch-{p}" for t, p in wanted.items()})
+        encoder = PerTowerEncoder(parts["vision"], parts["text"], served)
+    label = served["vision"] if served["vision"] == served["text"] else f"vision {served['vision']}, text {served['text']}"
+    manifest = replace(top, precision=label,
+                       vision=replace(top.vision, file=str(paths["vision"].relative_to(directory))),
+                       text=replace(top.text, file=str(paths["text"].relative_to(directory))))
+    return encoder, manifest
+
+
 def _precision_directory(directory: Path, manifest: ExportManifest, precision: str | None) -> Path:
     """The directory holding `precision`'s towers (an auto export keeps each in its own sub-directory)."""
     candidates = manifest.selection.get("candidates", {})
@@ -81,6 +152,9 @@ def open_encoder(directory: str | Path, backend: str = "onnxruntime", device: st
     `precision` None serves `choose_precision`'s pick; options are OrtSettings or ProfileConfig fields."""
     top_dir = Path(directory)
     top = load_manifest(top_dir, model)
+    towers = choose_towers(top_dir) if precision is None and backend == "onnxruntime" else {}
+    if set(towers) == {"vision", "text"}:
+        return _per_tower_encoder(top_dir, top, device, backend_options, towers)
     directory = _precision_directory(top_dir, top, precision)
     manifest = top if directory == top_dir else load_manifest(directory, model)
     dims = dict(embed_dim=manifest.embed_dim, input_resolution=manifest.input_resolution, pad_id=manifest.pad_id)
