@@ -8,8 +8,14 @@ small segments those adds left, and Q=1 search latency (p50/p99 over the queries
 CLIP, image-weight and query-aware LACLIP with recall@10 of ANN against exact under the same settings (for the
 queries near gallery clusters, and for a fifth as many around centres the gallery lacks).
 fp16-vs-fp32 agreement (top-10 overlap of exact search) is measured on the smaller sizes.
+The engine against the library it wraps (`--faiss N`, default 300k; `faiss_comparison`): plain CLIP, Q=1, k=10,
+on one thread for both, the engine's ANN search (IVF fast-scan candidates, k x refine re-scored exactly from the
+fp16 rows) against raw FAISS running the very IVF structure the engine stored in its segment, with the same
+nprobe, wrapped in IndexRefineFlat (k_factor = refine, fp32 rows): p50/p99 latency, their ratio (target <= 1.5x)
+and recall@10 against exact search for both.
 
     python -m benchmarks.bench_index --out results/index.json [--sizes 10000 100000 1000000] [--quick]
+    python -m benchmarks.bench_index --out results/faiss.json --sizes --faiss 300000   # the comparison alone
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from benchmarks.params import scaled
 from engine.index import AnnConfig, CompactionPolicy, Index, IndexManifest
 from engine.laclip import LaclipConfig, ScoreConfig
 
@@ -75,7 +82,7 @@ def machine() -> dict[str, Any]:
     return info
 
 
-def build(root: Path, n: int, dtype: str, d: int, k: int, scratch: Path) -> float:
+def build(root: Path, n: int, dtype: str, d: int, k: int, scratch: Path, nprobe: int | None = None) -> float:
     """One bulk add of the generated gallery (streamed through fp16/fp32 memory maps); returns seconds."""
     g_path, c_path = scratch / f"g-{dtype}.npy", scratch / f"c-{dtype}.npy"
     g = np.lib.format.open_memmap(g_path, "w+", dtype, (n, d))
@@ -86,7 +93,8 @@ def build(root: Path, n: int, dtype: str, d: int, k: int, scratch: Path) -> floa
         start += len(gg)
     g.flush(), c.flush()
     manifest = IndexManifest("synthetic", "bench", d, LaclipConfig(num_crops=k), dtype=dtype,
-                             ann=AnnConfig(kind="ivf", min_rows=min(20_000, n), exact_below=min(50_000, n)))
+                             ann=AnnConfig(kind="ivf", min_rows=min(20_000, n), exact_below=min(50_000, n),
+                                           nprobe=nprobe))
     index = Index.create(root, manifest, policy=CompactionPolicy(max_small=1000))
     began = time.perf_counter()
     index.add_images(np.arange(n).tolist(), np.load(g_path, mmap_mode="r"), np.load(c_path, mmap_mode="r"))
@@ -221,6 +229,88 @@ def run_size(n: int, args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     return result
 
 
+def faiss_comparison(n: int, d: int, queries: int, scratch: Path, k: int = 10,
+                     nprobes: tuple[int | None, ...] = (None,)) -> list[dict[str, Any]]:
+    """The engine's Q=1 ANN search against raw FAISS on the same IVF structure, vectors and settings (module
+    docstring), once per nprobe (None: the engine's default); both on one thread (torch and FAISS)."""
+    import faiss
+
+    root = scratch / f"faiss-{n}"
+    build(root, n, "float16", d, 1, scratch)
+    vectors = np.concatenate([g for g, _ in clustered_gallery(n, d, 1)])  # the same generator: the same rows
+    qs = clustered_queries(n, queries, d)
+    truth = [set(np.argsort(-(vectors @ q))[:k].tolist()) for q in qs]
+    try:
+        return [_versus_faiss(root, vectors, qs, truth, k, nprobe) for nprobe in nprobes]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _versus_faiss(root: Path, vectors: np.ndarray, qs: np.ndarray, truth: list[set], k: int,
+                  nprobe: int | None) -> dict[str, Any]:
+    import dataclasses
+
+    import faiss
+    import torch
+
+    n = len(vectors)
+    index = Index.open(root)
+    snap = index.snapshot()
+    if nprobe is not None:  # search settings live in the commit's manifest: a snapshot with other ones
+        manifest = dataclasses.replace(snap.manifest, ann=dataclasses.replace(snap.manifest.ann, nprobe=nprobe))
+        snap = dataclasses.replace(snap, manifest=manifest)
+    segments = [live.segment.parts["images"] for live in snap.segments]
+    assert len(segments) == 1 and segments[0].ann is not None, "one segment with an IVF structure expected"
+    ann = snap.manifest.ann
+    raw = faiss.deserialize_index(np.ascontiguousarray(segments[0].ann._data))
+    raw.implem = 12  # FAISS's own choice for a single-threaded fast-scan search
+    nprobe = ann.probes_for(raw.nlist)
+    rows32 = np.ascontiguousarray(vectors, np.float32)
+    refined = faiss.IndexRefineFlat(raw, faiss.swig_ptr(rows32))
+    params = faiss.IndexRefineSearchParameters(k_factor=ann.refine,
+                                               base_index_params=faiss.SearchParametersIVF(nprobe=nprobe))
+    threads = torch.get_num_threads(), faiss.omp_get_max_threads()
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    try:
+        index.search_images(qs[:1], k, score=None, snapshot=snap)  # warm: the IVF deserialised, the pages read
+        engine_ms, engine_found = [], []
+        for q in qs:
+            began = time.perf_counter()
+            found = index.search_images(q[None], k, score=None, snapshot=snap)[0]
+            engine_ms.append((time.perf_counter() - began) * 1000)
+            engine_found.append(set(int(i) for i in found.rows))
+        refined.search(qs[:1], k, params=params)
+        faiss_ms, faiss_found = [], []
+        for q in qs:
+            began = time.perf_counter()
+            _, labels = refined.search(q[None], k, params=params)
+            faiss_ms.append((time.perf_counter() - began) * 1000)
+            faiss_found.append(set(labels[0].tolist()))
+    finally:
+        torch.set_num_threads(threads[0])
+        faiss.omp_set_num_threads(threads[1])
+    out = {"N": n, "queries": len(qs), "nlist": int(raw.nlist), "nprobe": nprobe, "refine": ann.refine,
+           "threads": 1, "engine_p50_ms": float(np.percentile(engine_ms, 50)),
+           "engine_p99_ms": float(np.percentile(engine_ms, 99)), "faiss_p50_ms": float(np.percentile(faiss_ms, 50)),
+           "faiss_p99_ms": float(np.percentile(faiss_ms, 99)),
+           "engine_recall@10": float(np.mean([len(t & f) / k for t, f in zip(truth, engine_found)])),
+           "faiss_recall@10": float(np.mean([len(t & f) / k for t, f in zip(truth, faiss_found)]))}
+    out["engine_over_faiss_p50"] = out["engine_p50_ms"] / out["faiss_p50_ms"]
+    return out
+
+
+def faiss_markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["| N | threads | nlist / nprobe / refine | engine p50 / p99 ms | raw FAISS p50 / p99 ms | engine / FAISS (p50) "
+             "| recall@10 engine / FAISS |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['N']:,} | {r['threads']} | {r['nlist']} / {r['nprobe']} / {r['refine']} | "
+                     f"{r['engine_p50_ms']:.3f} / {r['engine_p99_ms']:.3f} | {r['faiss_p50_ms']:.3f} / "
+                     f"{r['faiss_p99_ms']:.3f} | {r['engine_over_faiss_p50']:.2f}x | "
+                     f"{r['engine_recall@10']:.3f} / {r['faiss_recall@10']:.3f} |")
+    return "\n".join(lines)
+
+
 def rows_of(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for r in results:
@@ -259,7 +349,7 @@ def markdown(results: list[dict[str, Any]], info: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    p.add_argument("--sizes", type=int, nargs="*", default=[10_000, 100_000])
     p.add_argument("--quick", action="store_true", help="N = 10k and 30k, fewer queries and repeats")
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--crops", type=int, default=4)
@@ -268,9 +358,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fp32-max", type=int, default=100_000, help="largest N with the fp16-vs-fp32 comparison")
     p.add_argument("--full-compact-max", type=int, default=100_000, help="largest N with a timed full compaction")
     p.add_argument("--scratch", type=Path, help="where to build the indexes (default: a temporary folder)")
+    p.add_argument("--faiss", type=int, default=300_000, metavar="N",
+                   help="rows of the engine-vs-raw-FAISS comparison (0: skip it)")
+    p.add_argument("--faiss-nprobe", type=int, nargs="*", default=[32],
+                   help="IVF probes compared besides the engine's default (an eighth of the lists)")
     args = p.parse_args(argv)
-    if args.quick:
-        args.sizes, args.queries, args.repeats = [10_000, 30_000], 30, 8
+    if args.quick:  # shrunk further by the runner's scale when the suite's budget is tight
+        args.sizes = [scaled(10_000, 2_000), scaled(30_000, 5_000)]
+        args.queries, args.repeats, args.faiss = scaled(30, 10), scaled(8, 3), scaled(min(args.faiss, 50_000), 20_000)
     if args.scratch is not None:
         args.scratch.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="bench-index-", dir=args.scratch))
@@ -280,12 +375,20 @@ def main(argv: list[str] | None = None) -> int:
         for n in args.sizes:
             results.append(run_size(n, args, scratch))
             print(markdown(results[-1:], info), flush=True)
+        versus = (faiss_comparison(args.faiss, args.dim, max(args.queries, 200), scratch,
+                                   nprobes=(None, *args.faiss_nprobe)) if args.faiss else [])
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    rows = rows_of(results)
+    for row in versus:
+        rows.append({"N": row["N"], "metric": "engine vs raw FAISS (Q=1, 1 thread)",
+                     **{k: round(v, 4) for k, v in row.items() if k != "N"}})
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": info, "results": results, "targets": TARGETS, "rows": rows_of(results)},
-                                   indent=2))
-    print(markdown(results, info))
+    args.out.write_text(json.dumps({"machine": info, "results": results, "faiss": versus,
+                                    "targets": {**TARGETS, "engine_over_faiss_p50": 1.5}, "rows": rows}, indent=2))
+    print(markdown(results, info) if results else "")
+    if versus:
+        print(faiss_markdown(versus))
     return 0
 
 

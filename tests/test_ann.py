@@ -163,3 +163,20 @@ def test_without_faiss_search_is_exact_and_says_so(tmp_path, monkeypatch, caplog
     assert [list(f.rows) for f in found] == [list(np.argsort(-(q @ g.T), kind="stable")[:10]) for q in queries]
     monkeypatch.undo()
     ann_module.faiss_module.cache_clear()
+
+
+def test_single_queries_search_on_one_thread_and_batches_on_all(built):
+    """A Q=1 FAISS search runs on one OpenMP thread (a team on a busy machine waits for its slowest member); a
+    batch gets the thread count FAISS started with; both return the same candidates for the same query."""
+    import faiss
+
+    index, g, _ = built
+    batch_threads = ann_module._batch_threads()
+    assert ann_module.search_threads(1) == 1 and ann_module.search_threads(7) == batch_threads
+    part = index.snapshot().segments[0].segment.parts["images"]
+    queries = clustered_queries(N, 5, D, seed=4)
+    one = part.ann.search(queries[:1], 40, index.snapshot().manifest.ann, None)
+    assert faiss.omp_get_max_threads() == 1
+    many = part.ann.search(queries, 40, index.snapshot().manifest.ann, None)
+    assert faiss.omp_get_max_threads() == batch_threads
+    assert np.array_equal(one[0], many[0])
