@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from benchmarks import machine
-from benchmarks.params import choose, model_name
+from benchmarks.params import choose, model_name, scaled
 from benchmarks.towers_peer import PeerEncoder, export_peer
 from engine.backends import TorchEncoder
 from engine.backends.cpu_features import cpu_info
@@ -142,7 +142,7 @@ def _run(benchmark, encoders, case: str, batch: int, impl: str, call) -> None:
     if impl == TEXT_ONLY and case == "vision":
         pytest.skip(f"{impl}: a text-tower precision (its image tower is the fp32 reference)")
     benchmark.group = f"{case} batch {batch}"
-    rounds = 3 if batch == 32 or case == "vision" else 5
+    rounds = scaled(3 if batch == 32 or case == "vision" else 5, 2)  # fewer under a tight suite budget
     benchmark.pedantic(call, args=(encoders[impl],), rounds=rounds, warmup_rounds=1, iterations=1)
     items_per_s = batch / benchmark.stats.stats.min  # best round: the least disturbed on a shared machine
     benchmark.extra_info.update(items_per_s=items_per_s, model=MODEL, cpu=cpu_info().model)

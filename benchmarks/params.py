@@ -12,6 +12,7 @@ T = TypeVar("T")
 
 QUICK_ENV = "BENCH_QUICK"
 MODEL_ENV = "BENCH_MODEL"
+SCALE_ENV = "BENCH_SCALE"  # set by the runner: the size this subject's share of the suite's budget allows
 
 
 def quick() -> bool:
@@ -22,6 +23,20 @@ def quick() -> bool:
 def choose(full: Sequence[T], quick_values: Sequence[T]) -> list[T]:
     """`quick_values` in quick mode, else `full` (as lists, ready for pytest.mark.parametrize)."""
     return list(quick_values if quick() else full)
+
+
+def scale() -> float:
+    """The runner's size factor for this subject, in (0, 1] (1 when unset or malformed)."""
+    try:
+        value = float(os.environ.get(SCALE_ENV, "1"))
+    except ValueError:
+        return 1.0
+    return value if 0 < value <= 1 else 1.0
+
+
+def scaled(n: int, minimum: int = 1) -> int:
+    """`n` shrunk by the runner's scale, at least `minimum` (sizes, counts, repeats)."""
+    return max(minimum, int(round(n * scale())))
 
 
 def model_name(full: str = "ViT-B-16", quick_model: str = "tiny") -> str:

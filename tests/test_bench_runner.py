@@ -220,3 +220,66 @@ def test_report_names_the_commit_the_run_recorded(tmp_path):
     build_report(tmp_path)
     assert json.loads((tmp_path / "results.json").read_text())["versions"]["git_commit"] == "abc1234"
     assert ", commit abc1234." in (tmp_path / "report.md").read_text()
+
+
+# ---- the suite's time budget (fake clock and subjects: nothing runs for minutes) -----------------------------------
+
+def _fake_suite(tmp_path, budget_s, nominal, overrun=None):
+    """Run a suite of fake subjects on a fake clock; each uses `overrun[name]` seconds (default: its whole limit)."""
+    from benchmarks import runner as runner_module
+
+    subjects = {name: Subject(name, f"benchmarks/{name}.py", quick_timeout_s=t, scaled_flags=("--rows",),
+                              script_quick_args=("--rows", "2000")) for name, t in nominal.items()}
+    now = [0.0]
+    calls = []
+
+    def fake_run(subject, cfg, limit, scale):
+        used = min(limit, (overrun or {}).get(subject.name, limit))
+        calls.append((subject.name, limit, scale, runner_module.scale_args(subject.script_quick_args,
+                                                                            subject.scaled_flags, scale)))
+        now[0] += used
+        return runner_module.SubjectRun(subject.name, subject.file, "script", "ok", used, limit_s=limit, scale=scale)
+
+    cfg = RunConfig(out=tmp_path / "out", quick=True, only=list(subjects), subjects=subjects, budget_s=budget_s)
+    runs = run_suite(cfg, log=lambda line: None, clock=lambda: now[0], runner=fake_run)
+    return runs, calls, now[0]
+
+
+def test_tight_budget_shrinks_every_subject_instead_of_dropping_one(tmp_path):
+    from benchmarks.runner import MIN_SCALE
+
+    runs, calls, spent = _fake_suite(tmp_path, 200.0, {"a": 100.0, "b": 100.0, "c": 50.0, "d": 150.0})
+    assert [r.status for r in runs] == ["ok"] * 4  # every subject ran
+    assert spent <= 200.0 + 1e-9  # the suite kept its budget although each subject used its whole limit
+    for name, limit, scale, args in calls:
+        assert MIN_SCALE <= scale < 1 and limit < {"a": 100, "b": 100, "c": 50, "d": 150}[name]
+        assert args == ["--rows", str(round(2000 * scale))]  # the subject's size shrinks with its share
+    limits = {name: limit for name, limit, _, _ in calls}
+    assert limits["a"] == pytest.approx(200 * 100 / 400)  # its share of the time left, by nominal limit
+    assert json.loads((tmp_path / "out" / "runs.json").read_text())["budget_s"] == 200.0
+
+
+def test_time_a_subject_leaves_unused_goes_to_the_rest(tmp_path):
+    runs, calls, spent = _fake_suite(tmp_path, 200.0, {"a": 100.0, "b": 100.0, "c": 100.0}, overrun={"a": 10.0})
+    limits = {name: (limit, scale) for name, limit, scale, _ in calls}
+    assert limits["b"][0] == pytest.approx(190 / 2) and limits["c"][0] == pytest.approx(95)
+    assert limits["b"][1] == pytest.approx(0.95)
+
+
+def test_ample_budget_runs_every_subject_at_full_size(tmp_path):
+    runs, calls, _ = _fake_suite(tmp_path, 1000.0, {"a": 100.0, "b": 50.0})
+    assert [(name, limit, scale, args) for name, limit, scale, args in calls] == [
+        ("a", 100.0, 1.0, ["--rows", "2000"]), ("b", 50.0, 1.0, ["--rows", "2000"])]
+
+
+def test_quick_budget_default_and_bench_scale(monkeypatch):
+    from benchmarks import params
+    from benchmarks.runner import QUICK_BUDGET_S, scale_args
+
+    assert RunConfig(out=Path("x"), quick=True).budget_s == QUICK_BUDGET_S == 480.0
+    assert scale_args(("--minutes", "0.5", "--rows", "2000", "--x", "3"), ("--minutes", "--rows"), 0.5) == [
+        "--minutes", "0.25", "--rows", "1000", "--x", "3"]
+    monkeypatch.setenv(params.SCALE_ENV, "0.4")
+    assert params.scaled(30_000, 5_000) == 12_000 and params.scaled(10, 5) == 5
+    monkeypatch.setenv(params.SCALE_ENV, "junk")
+    assert params.scale() == 1.0
