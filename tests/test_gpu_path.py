@@ -122,6 +122,21 @@ def test_device_topk_merge_equals_one_topk_over_both_blocks():
     assert np.array_equal(rows.numpy(), want_rows) and np.array_equal(values.numpy(), want_values)
 
 
+@pytest.mark.parametrize("score", [None, ScoreConfig(0.1, 0.5, "image"), ScoreConfig(0.05, 0.3, "text")],
+                         ids=["plain", "image", "text"])
+def test_the_device_scan_logic_on_the_cpu(tmp_path, monkeypatch, score):
+    """The GPU scan's block path (device top-k per block, deleted rows masked, one host copy for all segments)
+    run with CPU tensors equals the host scan, deletes included (a GPU run found it broken with deletes)."""
+    index = _index(tmp_path, 1500)
+    t = _unit(5, 64, seed=6)
+    want = index.search_images(t, 15, score=score, exact=True)
+    monkeypatch.setattr(Placement, "on_device", property(lambda self: True))
+    got = index.search_images(t, 15, score=score, exact=True)
+    for a, b in zip(want, got):
+        assert np.array_equal(a.rows, b.rows) and np.array_equal(a.positions, b.positions)
+        assert np.allclose(a.scores, b.scores, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------ compiled buckets
 def test_compiled_buckets_compile_once_per_bucket_and_slice_big_batches():
     compiled: list[int] = []

@@ -104,17 +104,10 @@ class Placement:
         return out
 
     def deleted(self, live: LiveSegment, kind: str) -> torch.Tensor | None:
-        """The deleted-rows mask of `live` on the device (None when nothing is deleted)."""
+        """The deleted-rows mask of `live` on the device (None when nothing is deleted); one small copy per scan
+        of a segment whose rows are not resident (a resident segment's scan needs no mask)."""
         mask = live.masks.get(kind)
-        if mask is None:
-            return None
-        if self.resident is None:
-            return self.tensor(mask)
-        found = self.resident.get(live, kind)
-        if found is None:
-            found = self.tensor(mask)
-            self.resident.put(live, kind, found)
-        return found
+        return None if mask is None else self.tensor(mask)
 
     def forget(self, parts: list[Part]) -> None:
         """Drop resident copies of parts no longer in any live snapshot."""
