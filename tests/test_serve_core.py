@@ -18,9 +18,10 @@ from engine import LaclipConfig, Retriever
 from engine.index import Index
 from engine.index import segment as segment_module
 from engine.serve.app import create_app
-from engine.serve.core import ServeConfig, ServerCore
+from engine.serve.core import ServeConfig, ServerCore, index_gallery
 from engine.serve.inputs import Upload
 from engine.serve.metrics import ServerMetrics
+from engine.sources import list_source
 
 from test_serve_guards import ThreadServer
 
@@ -101,6 +102,19 @@ def test_server_and_retriever_store_the_same_rows(tiny_checkpoint, files):
     assert stored["text_payloads"][:3] == [{"text": "一只猫", "album": "a"}, {"text": "敦煌壁画"},
                                            {"tag": 3, "text": "山水之间"}]
     assert all(t is not None for t in stored["thumbnails"])
+
+
+def test_gallery_follows_the_folder_id_rule_of_the_indexer(tiny_checkpoint, tmp_path):
+    """--gallery lists a folder as `python -m engine index --images` does: recursive, hidden skipped, the same
+    ids and "source" payloads."""
+    for rel in ("2.png", "10.png", "cats/1.png", "cats/old/1.png", ".hidden/9.png", ".x.png"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(image_bytes(make_image(40, 30, seed=len(rel))))
+    retriever = Retriever.from_checkpoint(tiny_checkpoint, "tiny", progress=False)
+    index_gallery(retriever, tmp_path, None)
+    refs = list_source(tmp_path).images
+    assert retriever.index.image_ids == [r.id for r in refs] == ["2", "10", "cats/1", "cats/old/1"]
+    assert [retriever.image_payload(r.id) for r in refs] == [r.payload for r in refs]
 
 
 # ---- failed writes change nothing --------------------------------------------------------------------------------

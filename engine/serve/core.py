@@ -94,8 +94,9 @@ def index_gallery(retriever: Retriever, gallery: Path, texts: Path | None) -> No
     index = retriever.index
     images = [(i, p) for i, p in folder_images(gallery) if not index.has_image(i)]
     retriever.progress = True
-    if images:
-        retriever.add_images([p for _, p in images], [i for i, _ in images])
+    if images:  # "source": the path relative to the folder, as `python -m engine index --images` stores it
+        retriever.add_images([p for _, p in images], [i for i, _ in images],
+                             [{"source": p.relative_to(gallery).as_posix()} for _, p in images])
     if texts is not None:
         ids, items = read_texts_jsonl(texts)
         new = [(i, t) for i, t in zip(ids, items) if not index.has_text(i)]
