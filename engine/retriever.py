@@ -21,7 +21,9 @@ import torch
 from tqdm import tqdm
 
 from .backends import Encoder, TorchEncoder
+from .backends.base import encoder_device
 from .backends.export_reader import BACKENDS
+from .device_views import DeviceViewMaker
 from .errors import IndexFormatError, InputError
 from .ids import Id, check_ids, default_ids, id_key
 from .index import AnnConfig, Index, IndexManifest, Snapshot
@@ -32,6 +34,8 @@ from .models import load_model
 from .payloads import check_payloads, image_payloads, text_payloads
 from .preprocess import (DEFAULT_CONTEXT_LENGTH, DEFAULT_MAX_PIXELS, ImageInput, ImageTransform,
                          TokenizedTexts, Tokenizer, content_seed, load_image)
+
+VIEW_PATHS = ("auto", "pil", "device")  # how images become views: see Retriever.prepare_images
 
 
 class Hit(NamedTuple):
@@ -84,9 +88,11 @@ class Retriever:
     def __init__(self, encoder: Encoder, identity: ModelIdentity, *, laclip: LaclipConfig | None = None,
                  batch_size: int = 32, context_length: int = DEFAULT_CONTEXT_LENGTH,
                  max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool | None = None, dtype: str = "float32",
-                 ann: AnnConfig | None = None) -> None:
+                 ann: AnnConfig | None = None, views: str = "auto") -> None:
         if batch_size < 1:
             raise InputError(f"batch_size must be >= 1, got {batch_size}")
+        if views not in VIEW_PATHS:
+            raise InputError(f"views must be one of {', '.join(VIEW_PATHS)}, got {views!r}")
         self.encoder = encoder
         self.identity = identity
         self.laclip = laclip
@@ -95,7 +101,9 @@ class Retriever:
         self.progress = sys.stderr.isatty() if progress is None else progress
         self.transform = ImageTransform(encoder.input_resolution)
         self.tokenizer = Tokenizer(context_length)
-        self.index = Index(self._manifest(dtype, ann or AnnConfig()), device=str(getattr(encoder, "device", "cpu")))
+        device = encoder_device(encoder)
+        self.index = Index(self._manifest(dtype, ann or AnnConfig()), device=device)
+        self.device_views = self._device_views(views, device)
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path | None = None, model: str = "ViT-B-16", device: str = "cpu",
@@ -190,9 +198,21 @@ class Retriever:
 
     tokenize = prepare_texts
 
+    def _device_views(self, views: str, device: str) -> DeviceViewMaker | None:
+        """The view maker on the GPU ("device"; "auto": when a torch encoder runs on CUDA), else None (PIL)."""
+        torch_on_cuda = isinstance(self.encoder, TorchEncoder) and torch.device(device).type == "cuda"
+        if views == "device" or (views == "auto" and torch_on_cuda):
+            crops = self.laclip.crops if self.laclip is not None else None
+            return DeviceViewMaker(self.encoder.input_resolution, crops, device, self.max_pixels)
+        return None
+
     def prepare_images(self, images: Sequence[ImageInput], *, thumbnails: bool = False) -> PreparedImages:
         """Decode each image (pixel limit), cut its views (global, then the K crops seeded by its content) and
-        normalise them; with `thumbnails`, a ~256 px JPEG of each decoded image too."""
+        normalise them; with `thumbnails`, a ~256 px JPEG of each decoded image too. With device views
+        (engine.device_views: nvJPEG, crops and resizing on the GPU) the views stay on the device."""
+        if self.device_views is not None:
+            made = self.device_views(list(images), thumbnails=thumbnails)
+            return PreparedImages(made.views, made.thumbnails)
         decoded = [load_image(image, self.max_pixels) for image in images]
         views = [self.transform.normalise(self.resized_views(image)) for image in decoded]
         size = self.transform.resolution

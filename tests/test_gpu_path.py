@@ -279,3 +279,37 @@ def test_bf16_compiled_text_tower_runs_on_cuda():
     fast = TorchEncoder(model, get_spec("tiny").input_resolution, device="cuda",
                         precision="bf16-compiled").encode_texts(ids)
     assert (ref * fast).sum(1).min() >= 0.99
+
+
+# ----------------------------------------------------------------------------------------- retriever wiring
+def test_retriever_indexes_through_device_views_alike():
+    """views="device" (here on the CPU) indexes the same images as the PIL path, vector for vector; a bad choice of
+    views is an InputError naming it; "auto" keeps PIL for a CPU encoder."""
+    from engine import Retriever
+
+    grid = LaclipConfig(num_crops=4, crop_mode="grid")
+    blobs = [_jpeg(_photo(200, 150, 7)), _jpeg(_photo(90, 130, 8))]
+    pil = Retriever.from_checkpoint(None, "tiny", random_weights=True, laclip=grid, progress=False, views="pil")
+    dev = Retriever.from_checkpoint(None, "tiny", random_weights=True, laclip=grid, progress=False, views="device")
+    auto = Retriever.from_checkpoint(None, "tiny", random_weights=True, laclip=grid, progress=False)
+    assert dev.device_views is not None and pil.device_views is None and auto.device_views is None
+    a, b = pil.encode_image_views(blobs), dev.encode_image_views(blobs)
+    assert (a.global_ * b.global_).sum(-1).min() > 0.999
+    assert (a.crops * b.crops).sum(-1).min() > 0.999
+    ids = dev.add_images(blobs)
+    assert dev.thumbnail(ids[0]) is not None
+    with pytest.raises(InputError, match="views"):
+        Retriever.from_checkpoint(None, "tiny", random_weights=True, views="gpu")
+
+
+def test_the_index_scores_where_the_encoder_runs():
+    """A torch or TensorRT encoder names its device; an ONNX Runtime encoder on the CUDA provider means "cuda"
+    (the index of Retriever.from_export(..., device="cuda") scored on the CPU before)."""
+    from types import SimpleNamespace
+
+    from engine.backends.base import encoder_device
+
+    assert encoder_device(SimpleNamespace(device=torch.device("cuda", 0))) == "cuda:0"
+    assert encoder_device(SimpleNamespace(providers=["CUDAExecutionProvider", "CPUExecutionProvider"])) == "cuda"
+    assert encoder_device(SimpleNamespace(providers=["CPUExecutionProvider"])) == "cpu"
+    assert encoder_device(SimpleNamespace()) == "cpu"

@@ -22,6 +22,16 @@ class Encoder(Protocol):
         ...
 
 
+def encoder_device(encoder: object) -> str:
+    """Where an encoder's towers run, so the index scores on the same device: torch and TensorRT encoders say so
+    (`.device`); an ONNX Runtime encoder runs on CUDA when its first provider is CUDA's."""
+    device = getattr(encoder, "device", None)
+    if device is not None:
+        return str(device)
+    providers = getattr(encoder, "providers", None) or []
+    return "cuda" if providers and providers[0] == "CUDAExecutionProvider" else "cpu"
+
+
 def l2_normalize(x: np.ndarray) -> np.ndarray:
     """Rows scaled to unit L2 norm, in float32 (an all-zero row stays zero)."""
     x = np.asarray(x, dtype=np.float32)
