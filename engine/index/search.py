@@ -2,7 +2,9 @@
 
 One scoring path for both: a Scorer turns query vectors and a run of stored rows into exact scores through the one
 dispatch in engine.scoring (plain CLIP, pooled image-weight LACLIP, or query-aware LACLIP through the fused
-kernel). The exact scan feeds it every row in bounded blocks; the ANN stage feeds it each query's k x refine FAISS
+kernel). The exact scan feeds it every row in bounded blocks, except where the kernel's own top-k answers a whole
+segment (query-aware weights on the host; every mode on a GPU once rows are resident); the ANN stage feeds it
+each query's k x refine FAISS
 candidates (IVF fast-scan or HNSW over the primary vectors, deleted rows filtered inside FAISS), gathered from the
 memory map. Per-segment top-k lists are merged with ties going to the earlier segment, then the lower row.
 
@@ -13,6 +15,7 @@ reduced to their top-k on the device, and only k results per query are copied to
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass, replace
 from typing import Union
 
@@ -145,8 +148,18 @@ class ImageScorer:
                                     self.score)
 
     def fused_topk(self, part: Part, k: int, place: Placement) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(values, rows) [Q, k] of the whole part by the kernel's top-k on resident rows (None: not resident)."""
-        if not (place.on_device and ops.cuda_available()):
+        """(values, rows) [Q, k] of the whole part by the kernel's own top-k, or None where blocks are scored
+        instead. On a GPU: every mode, once the rows are resident. On the host: query-aware weights, straight
+        from the memory map (measured on a 2-core EPYC: 1.1-2.6x faster than scores plus a top-k per block);
+        plain and pooled rows stay one GEMM per block there."""
+        if not place.on_device:
+            if (scoring.is_plain(self.score) or self.score.weights == "image" or part.crops is None
+                    or not ops.extension_available()):
+                return None
+            g, c = host_tensor(part.vectors), host_tensor(part.crops)
+            return ops.laclip_topk(torch.from_numpy(self.t).to(g.dtype), g, c, k=k, alpha=self.score.alpha,
+                                   tau=self.score.tau, weights="text")
+        if not ops.cuda_available():
             return None
         g = place.column(part, "vectors")
         if g is None:
@@ -220,20 +233,25 @@ def search(snapshot: Snapshot, scorer: Scorer, k: int, *, exact: bool, ann: AnnC
     scorer = scorer.bind(place)
     use_ann = not exact and ann.kind != "none" and snapshot.live(scorer.kind) >= ann.exact_below
     pieces: list[list[tuple[np.ndarray, int, np.ndarray]]] = [[] for _ in range(queries)]
-    on_device: list[tuple[int, LiveSegment, torch.Tensor, torch.Tensor]] = []
+    candidates: list[tuple[int, LiveSegment, torch.Tensor, torch.Tensor]] = []
     for position, live, part in snapshot.parts(scorer.kind):
         if use_ann and part.ann is not None:
             _ann_segment(scorer, part, live, position, k, ann, place, pieces)
+            continue
+        deleted = len(live.deleted.get(scorer.kind, ()))
+        fused = scorer.fused_topk(part, min(part.rows, k + deleted), place)
+        if fused is not None:  # k + deleted candidates: the deleted ones are dropped in _collect
+            candidates.append((position, live, *fused))
         elif place.on_device:
-            on_device.append((position, live, *_device_candidates(scorer, part, live, k, place)))
+            candidates.append((position, live, *_device_blocks(scorer, part, live, k, place)))
         else:
             _scan_segment(scorer, part, live, position, k, place, pieces)
-    if on_device:  # one copy to the host for every segment's candidates
-        widths = [values.shape[1] for _, _, values, _ in on_device]
-        values = torch.cat([v for _, _, v, _ in on_device], dim=1).cpu().numpy()
-        rows = torch.cat([r for _, _, _, r in on_device], dim=1).cpu().numpy()
+    if candidates:  # one copy to the host for every segment's candidates (none when they are host tensors)
+        widths = [values.shape[1] for _, _, values, _ in candidates]
+        values = torch.cat([v for _, _, v, _ in candidates], dim=1).cpu().numpy()
+        rows = torch.cat([r for _, _, _, r in candidates], dim=1).cpu().numpy()
         start = 0
-        for (position, live, _, _), width in zip(on_device, widths):
+        for (position, live, _, _), width in zip(candidates, widths):
             for q in range(queries):
                 _collect(pieces[q], values[q, start:start + width], rows[q, start:start + width], live,
                          scorer.kind, position, k)
@@ -262,15 +280,10 @@ def _blocks(part: Part) -> list[tuple[int, int]]:
     return [(start, min(part.rows, start + step)) for start in range(0, part.rows, step)]
 
 
-def _device_candidates(scorer: Scorer, part: Part, live: LiveSegment, k: int,
-                       place: Placement) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values, rows) [Q, <= k + deleted] of one segment on the GPU, left there: the kernel's top-k over resident
-    rows (k + deleted candidates; the deleted ones are dropped on the host), else each block's top-k on the
-    device with deleted rows masked."""
-    deleted = len(live.deleted.get(scorer.kind, ()))
-    fused = scorer.fused_topk(part, min(part.rows, k + deleted), place)
-    if fused is not None:
-        return fused
+def _device_blocks(scorer: Scorer, part: Part, live: LiveSegment, k: int,
+                   place: Placement) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, rows) [Q, <= k] of a segment whose rows are not resident on the GPU: each streamed block's top-k
+    on the device with deleted rows masked, merged there."""
     mask = place.deleted(live, scorer.kind)
     best: tuple[torch.Tensor, torch.Tensor] | None = None
     for start, stop in _blocks(part):
@@ -280,6 +293,13 @@ def _device_candidates(scorer: Scorer, part: Part, live: LiveSegment, k: int,
         block = device_topk(scores, min(k, stop - start), offset=start)
         best = block if best is None else device_topk_merge(best, block, k)
     return best
+
+
+def host_tensor(rows: np.ndarray) -> torch.Tensor:
+    """A tensor over memory-mapped rows without a copy (they are only read: torch's not-writable warning is moot)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(rows)
 
 
 def sort_keys(scores: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
