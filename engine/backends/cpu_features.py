@@ -9,15 +9,17 @@ from pathlib import Path
 
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # AMX tiles (Sapphire Rapids+) or AVX-512 BF16 dot products (Zen 4+)
 VNNI_FLAGS = ("amx_int8", "avx512_vnni", "avx_vnni")  # int8 dot products
-REPORTED_FLAGS = ("avx2", "avx512f", *BF16_FLAGS, *VNNI_FLAGS, "avx512_fp16")
+REPORTED_FLAGS = ("avx2", "fma", "avx512f", *BF16_FLAGS, *VNNI_FLAGS, "avx512_fp16")
 
 
 @dataclass(frozen=True)
 class CpuInfo:
-    """CPU model name and the subset of REPORTED_FLAGS it has."""
+    """CPU model name, the subset of REPORTED_FLAGS it has, and its family/model numbers (CPUs sold under one name,
+    e.g. "AMD EPYC" in a VM, span generations: family 25 is Zen 3/4, 23 Zen 2)."""
 
     model: str
     flags: tuple[str, ...]
+    family: str = ""  # e.g. "family 25 model 1" ("" where /proc/cpuinfo does not say)
 
     @property
     def bf16(self) -> bool:
@@ -30,21 +32,25 @@ class CpuInfo:
         return any(f in self.flags for f in VNNI_FLAGS)
 
     def as_dict(self) -> dict[str, object]:
-        return {"model": self.model, "flags": list(self.flags)}
+        return {"model": self.model, "flags": list(self.flags), "family": self.family}
 
 
 @functools.lru_cache(maxsize=1)
 def cpu_info() -> CpuInfo:
     """This machine's CPU, from /proc/cpuinfo (platform.processor() and no flags where that is absent)."""
-    model, flags = platform.processor() or platform.machine(), set()
+    model, flags, numbers = platform.processor() or platform.machine(), set(), {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
             if key.strip() == "model name":
                 model = value.strip()
+            elif key.strip() in ("cpu family", "model"):
+                numbers.setdefault(key.strip(), value.strip())
             elif key.strip() == "flags":
                 flags = set(value.split())
                 break
     except OSError:
         pass
-    return CpuInfo(model, tuple(f for f in REPORTED_FLAGS if f in flags))
+    family = (f"family {numbers['cpu family']} model {numbers['model']}"
+              if {"cpu family", "model"} <= set(numbers) else "")
+    return CpuInfo(model, tuple(f for f in REPORTED_FLAGS if f in flags), family)
