@@ -52,6 +52,17 @@ void quantize_row_generic(const float* row, int64_t k, uint8_t* out, float* scal
   for (int64_t j = 0; j < k; ++j) out[j] = quantize_one(row[j], inv, static_cast<float>(*zero));
 }
 
+// The vector paths' shared step: the row range over [from, k) folded into [lo, hi], then the row's scale and zero
+// point; returns 1 / scale.
+float finish_range(const float* row, int64_t from, int64_t k, float lo, float hi, float* scale, int32_t* zero) {
+  for (int64_t t = from; t < k; ++t) {
+    lo = std::min(lo, row[t]);
+    hi = std::max(hi, row[t]);
+  }
+  row_scale(lo, hi, scale, zero);
+  return 1.f / *scale;
+}
+
 // The same values 16 at a time (round to nearest even, as nearbyint in the default rounding mode).
 __attribute__((target("avx512f,avx512bw"))) void quantize_row_avx512(const float* row, int64_t k, uint8_t* out,
                                                                    float* scale, int32_t* zero) {
@@ -62,13 +73,8 @@ __attribute__((target("avx512f,avx512bw"))) void quantize_row_avx512(const float
     vlo = _mm512_min_ps(vlo, v);
     vhi = _mm512_max_ps(vhi, v);
   }
-  float lo = _mm512_reduce_min_ps(vlo), hi = _mm512_reduce_max_ps(vhi);
-  for (int64_t t = j; t < k; ++t) {
-    lo = std::min(lo, row[t]);
-    hi = std::max(hi, row[t]);
-  }
-  row_scale(lo, hi, scale, zero);
-  const float inv = 1.f / *scale, z = static_cast<float>(*zero);
+  const float inv = finish_range(row, j, k, _mm512_reduce_min_ps(vlo), _mm512_reduce_max_ps(vhi), scale, zero);
+  const float z = static_cast<float>(*zero);
   const __m512 vinv = _mm512_set1_ps(inv), vz = _mm512_set1_ps(z), top = _mm512_set1_ps(255.f);
   for (j = 0; j + 16 <= k; j += 16) {
     __m512 q = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_loadu_ps(row + j), vinv),
@@ -97,12 +103,7 @@ __attribute__((target("avx2,fma"))) void quantize_row_avx2(const float* row, int
     lo = std::min(lo, lanes_lo[i]);
     hi = std::max(hi, lanes_hi[i]);
   }
-  for (int64_t t = j; t < k; ++t) {
-    lo = std::min(lo, row[t]);
-    hi = std::max(hi, row[t]);
-  }
-  row_scale(lo, hi, scale, zero);
-  const float inv = 1.f / *scale, z = static_cast<float>(*zero);
+  const float inv = finish_range(row, j, k, lo, hi, scale, zero), z = static_cast<float>(*zero);
   const __m256 vinv = _mm256_set1_ps(inv), vz = _mm256_set1_ps(z), top = _mm256_set1_ps(255.f);
   for (j = 0; j + 8 <= k; j += 8) {
     __m256 q = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(row + j), vinv),
