@@ -12,7 +12,7 @@ This module is the truth the native kernel (engine.ops) is tested against.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, astuple, dataclass
+from dataclasses import asdict, astuple, dataclass, fields
 from typing import Any, Literal
 
 import numpy as np
@@ -104,18 +104,19 @@ class ScoreConfig:
 class LaclipConfig:
     """LACLIP settings: the crop settings (`.crops`, fixed at encode time) plus the default scoring (`.score`).
 
-    The paper gives no K, tau or crop sizes, so these defaults are ours (tune on validation). Fields are
-    documented on CropConfig and ScoreConfig, which also validate them.
+    The paper gives no K, tau or crop sizes, so these defaults are ours (tune on validation). The fields are the
+    union of CropConfig's and ScoreConfig's, flat (index manifests store this form), with their defaults; the
+    parts document and validate them.
     """
 
-    num_crops: int = 4
-    crop_mode: CropMode = "random"
-    crop_area: tuple[float, float] = (0.25, 0.6)
-    crop_aspect: tuple[float, float] = (3 / 4, 4 / 3)
-    tau: float = 0.1
-    alpha: float = 0.5
-    weights: WeightsMode = "image"
-    seed: int = 0
+    num_crops: int = CropConfig.num_crops
+    crop_mode: CropMode = CropConfig.crop_mode
+    crop_area: tuple[float, float] = CropConfig.crop_area
+    crop_aspect: tuple[float, float] = CropConfig.crop_aspect
+    tau: float = ScoreConfig.tau
+    alpha: float = ScoreConfig.alpha
+    weights: WeightsMode = ScoreConfig.weights
+    seed: int = CropConfig.seed
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "crop_area", tuple(self.crop_area))
@@ -124,17 +125,15 @@ class LaclipConfig:
 
     @property
     def crops(self) -> CropConfig:
-        return CropConfig(self.num_crops, self.crop_mode, self.crop_area, self.crop_aspect, self.seed)
+        return CropConfig(**{f.name: getattr(self, f.name) for f in fields(CropConfig)})
 
     @property
     def score(self) -> ScoreConfig:
-        return ScoreConfig(self.tau, self.alpha, self.weights)
+        return ScoreConfig(**{f.name: getattr(self, f.name) for f in fields(ScoreConfig)})
 
     @classmethod
     def from_parts(cls, crops: CropConfig, score: ScoreConfig | None = None) -> "LaclipConfig":
-        score = score or ScoreConfig()
-        return cls(crops.num_crops, crops.crop_mode, crops.crop_area, crops.crop_aspect, score.tau, score.alpha,
-                   score.weights, crops.seed)
+        return cls(**crops.to_dict(), **(score or ScoreConfig()).to_dict())
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
