@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .errors import InputError
-from .ops import _call, _require, extension_available
+from .ops import call_checked, extension, extension_available
 
 __all__ = ["Int8TextTower", "int8_isa", "int8_linear", "pack_bert", "pack_linear"]
 
@@ -26,7 +26,7 @@ __all__ = ["Int8TextTower", "int8_isa", "int8_linear", "pack_bert", "pack_linear
 def int8_isa() -> str:
     """The int8 GEMM's code path on this CPU: 'avx512_vnni', 'avx2' or 'generic' (capped with
     engine.ops.set_max_isa: a cap at 'avx2' runs the AVX2 GEMM even on a VNNI CPU)."""
-    return str(_require().int8_isa())
+    return str(extension().int8_isa())
 
 
 def _floats(t: torch.Tensor) -> torch.Tensor:
@@ -35,14 +35,14 @@ def _floats(t: torch.Tensor) -> torch.Tensor:
 
 def pack_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> list[torch.Tensor]:
     """A Linear layer's [N, K] weight and [N] bias as the native layout: [packed, scale, colsum, bias]."""
-    _require()
-    packed, scale, colsum = _call(torch.ops.cnclip.int8_pack_linear, _floats(weight))
+    extension()
+    packed, scale, colsum = call_checked(torch.ops.cnclip.int8_pack_linear, _floats(weight))
     return [packed, scale, colsum, torch.zeros(weight.shape[0]) if bias is None else _floats(bias)]
 
 
 def int8_linear(x: torch.Tensor, layer: list[torch.Tensor]) -> torch.Tensor:
     """x [M, K] float32 through a `pack_linear` layer -> [M, N] float32."""
-    return _call(torch.ops.cnclip.int8_linear, x, *layer)
+    return call_checked(torch.ops.cnclip.int8_linear, x, *layer)
 
 
 def pack_bert(bert: nn.Module) -> list[torch.Tensor]:
@@ -80,7 +80,7 @@ class Int8TextTower:
         self.projection = _floats(clip.text_projection)
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
-        first = _call(torch.ops.cnclip.int8_bert_encode, input_ids.contiguous(), self.weights, self.heads, self.eps,
+        first = call_checked(torch.ops.cnclip.int8_bert_encode, input_ids.contiguous(), self.weights, self.heads, self.eps,
                       self.pad_id)
         return first @ self.projection
 

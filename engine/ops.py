@@ -51,17 +51,17 @@ def cuda_available() -> bool:
 def cpu_isa() -> str:
     """The CPU code path the extension runs: 'amx_bf16', 'avx512_bf16', 'avx512', 'avx2' or 'generic' (detected at
     run time)."""
-    return str(_require().cpu_isa())
+    return str(extension().cpu_isa())
 
 
 def cpu_isas() -> list[str]:
     """The CPU code paths this CPU can run, slowest first."""
-    return [str(name) for name in _require().cpu_isas()]
+    return [str(name) for name in extension().cpu_isas()]
 
 
 def set_max_isa(name: str | None) -> None:
     """Cap the CPU code path at `name` (one of cpu_isas(); tests and benchmarks); None restores detection."""
-    _require().set_max_isa(name or "")
+    extension().set_max_isa(name or "")
 
 
 def set_force_generic(force: bool) -> None:
@@ -69,7 +69,8 @@ def set_force_generic(force: bool) -> None:
     set_max_isa("generic" if force else None)
 
 
-def _require() -> Any:
+def extension() -> Any:
+    """The loaded extension module (engine._laclip_ext); ExtensionNotBuiltError saying how to build it if absent."""
     if _ext is None:
         raise ExtensionNotBuiltError(f"engine._laclip_ext is not available ({_IMPORT_ERROR}); {BUILD_HINT}")
     return _ext
@@ -89,7 +90,8 @@ def _op_args(t: Any, g: Any, c: Any, alpha: Any, tau: Any, weights: Any) -> tupl
     return t, g, c, alpha, tau, weights == "text"
 
 
-def _call(op: Any, *args: Any) -> Any:
+def call_checked(op: Any, *args: Any) -> Any:
+    """Run a cnclip operator, re-raising its C++ entry's input errors (ValueError) as InputError."""
     try:
         return op(*args)
     except ValueError as exc:  # the C++ entry's input checks (TORCH_CHECK_VALUE)
@@ -99,18 +101,18 @@ def _call(op: Any, *args: Any) -> Any:
 def laclip_scores(t: torch.Tensor, g: torch.Tensor, c: torch.Tensor, *, alpha: float, tau: float,
                   weights: str) -> torch.Tensor:
     """[Q, N] float32 LACLIP scores of T [Q, D] against G [N, D] / C [N, K, D] (no [Q, N, K] intermediate)."""
-    _require()
-    return _call(torch.ops.cnclip.laclip_scores, *_op_args(t, g, c, alpha, tau, weights))
+    extension()
+    return call_checked(torch.ops.cnclip.laclip_scores, *_op_args(t, g, c, alpha, tau, weights))
 
 
 def laclip_topk(t: torch.Tensor, g: torch.Tensor, c: torch.Tensor, *, k: int, alpha: float, tau: float,
                 weights: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused top-k: (values [Q, k] float32, indices [Q, k] int64), best first, ties to the lower index."""
-    _require()
+    extension()
     t, g, c, alpha, tau, text = _op_args(t, g, c, alpha, tau, weights)
     if isinstance(k, bool) or not hasattr(k, "__index__"):
         raise InputError(f"laclip: k must be an int, got {k!r}")
-    values, indices = _call(torch.ops.cnclip.laclip_topk, t, g, c, operator.index(k), alpha, tau, text)
+    values, indices = call_checked(torch.ops.cnclip.laclip_topk, t, g, c, operator.index(k), alpha, tau, text)
     return values, indices
 
 

@@ -24,7 +24,7 @@ def footprint(q: int, n: int, k: int) -> int:
 @pytest.mark.parametrize("n", [1, 100, 1024, 100_000, 10_000_000])
 @pytest.mark.parametrize("q", [1, 7, 64, 16_384, 16_385, 100_000, 10_000_000, 10**9])
 def test_plan_stays_within_budget_for_any_q(q: int, n: int) -> None:
-    ext = ops._require()
+    ext = ops.extension()
     budget, min_columns = ext.topk_budget_bytes, ext.topk_min_columns
     for k in sorted({k for k in (1, 10, 1000, n) if k <= n}):
         q_chunk, n_chunk, peak = ext.plan_topk_chunks(q, n, k)
@@ -36,7 +36,7 @@ def test_plan_stays_within_budget_for_any_q(q: int, n: int) -> None:
 
 def test_plan_uses_the_budget() -> None:
     """Small problems run in one chunk; wide ones take as many columns as the budget gives every query."""
-    ext = ops._require()
+    ext = ops.extension()
     assert ext.plan_topk_chunks(64, 100_000, 10)[:2] == (64, 100_000)
     q_chunk, n_chunk, peak = ext.plan_topk_chunks(64, 10_000_000, 10)
     assert q_chunk == 64 and 100_000 < n_chunk < 10_000_000 and peak > ext.topk_budget_bytes // 2
@@ -45,7 +45,7 @@ def test_plan_uses_the_budget() -> None:
 
 
 def test_plan_with_k_too_large_for_the_budget_goes_one_query_at_a_time() -> None:
-    ext = ops._require()
+    ext = ops.extension()
     q_chunk, n_chunk, peak = ext.plan_topk_chunks(50, 10_000_000, 2_000_000)
     assert q_chunk == 1 and peak == footprint(1, n_chunk, 2_000_000)
 
@@ -63,7 +63,7 @@ def tied_scores(q: int, n: int, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("k", [1, 4, 50, 97])
 def test_chunked_topk_equals_stable_sort(chunks: tuple[int, int], k: int) -> None:
     scores = tied_scores(9, 97, seed=k)
-    values, indices = ops._require().chunked_topk_of_scores(scores, k, *chunks)
+    values, indices = ops.extension().chunked_topk_of_scores(scores, k, *chunks)
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
     assert torch.equal(indices, order)
     assert torch.equal(values, scores.gather(1, order))
@@ -79,11 +79,11 @@ def test_cuda_topk_past_the_old_query_limit(weights: str) -> None:
     t, g, c = torch.randn(20_000, 64, generator=gen), torch.randn(3000, 64, generator=gen), torch.randn(3000, 2, 64,
                                                                                                      generator=gen)
     t, g, c = (x / x.norm(dim=-1, keepdim=True) for x in (t, g, c))
-    assert ops._require().plan_topk_chunks(20_000, 3000, 5)[0] < 20_000
+    assert ops.extension().plan_topk_chunks(20_000, 3000, 5)[0] < 20_000
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
     values, indices = ops.laclip_topk(t.cuda(), g.cuda(), c.cuda(), k=5, alpha=0.5, tau=0.1, weights=weights)
     inputs = sum(x.numel() * 4 for x in (t, g, c)) * 2  # inputs and their fp32 copy of T, generously
-    assert torch.cuda.max_memory_allocated() - before <= ops._require().topk_budget_bytes + inputs + 20_000 * 5 * 12
+    assert torch.cuda.max_memory_allocated() - before <= ops.extension().topk_budget_bytes + inputs + 20_000 * 5 * 12
     cpu_values, _ = ops.laclip_topk(t, g, c, k=5, alpha=0.5, tau=0.1, weights=weights)
     torch.testing.assert_close(values.cpu(), cpu_values, atol=1e-5, rtol=1e-5)

@@ -12,8 +12,6 @@ ENGINE = Path(__file__).resolve().parent.parent / "engine"
 # (importing file, imported module, private name): each with its reason.
 PRIVATE_ALLOWED = {
     ("engine/ops.py", "engine", "_laclip_ext"),  # the compiled extension; ops is its one importer
-    ("engine/int8_text.py", "engine.ops", "_call"),  # the int8 tower shares ops' error translation (issue #30)
-    ("engine/int8_text.py", "engine.ops", "_require"),
 }
 
 
