@@ -1,7 +1,6 @@
 // int8 linear layers (see int8_linear.h): weight packing, per-row activation quantisation, and the GEMM in three
 // implementations with identical int32 sums: AVX512-VNNI (VPDPBUSD, 8 rows x 32 channels per register tile), AVX2
-// (VPMADDWD on int16-widened operands: exact, where VPMADDUBSW's int16 pair sums of 255 x 127 products would
-// saturate) and portable loops.
+// (VPMADDUBSW, exact because weights are packed in 7 bits: see kWeightMax) and portable loops.
 #include "int8_linear.h"
 
 #include <ATen/Parallel.h>
@@ -19,13 +18,17 @@ namespace laclip {
 namespace {
 
 constexpr int64_t kRows = 8;  // rows per register tile
+// Weights are quantised to [-64, 64] (7 bits and the sign's extra level), on every path: AVX2's VPMADDUBSW adds
+// two u8 x s8 products in int16, and 2 x 255 x 64 = 32640 still fits (with +-127 weights 2 x 255 x 127 would
+// saturate at 32767), so the AVX2 path multiplies 32 pairs per instruction and its sums equal the other paths'.
+// ONNX Runtime's dynamic int8 keeps 7-bit weights for the same reason (export/quantize.py).
+constexpr float kWeightMax = 64.f;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Activations of one call: uint8 rows padded to a multiple of 4 features, with each row's scale and zero point.
 struct QuantizedRows {
   std::vector<uint8_t> data;
-  std::vector<int16_t> wide;  // the same values zero-extended to int16 (AVX2 path only), same stride
   std::vector<float> scale;
   std::vector<int32_t> zero;
   int64_t stride = 0;
@@ -87,7 +90,7 @@ __attribute__((target("avx512f,avx512bw"))) void quantize_row_avx512(const float
 
 // The same values 8 at a time with AVX2 (round to nearest even, as nearbyint in the default rounding mode).
 __attribute__((target("avx2,fma"))) void quantize_row_avx2(const float* row, int64_t k, uint8_t* out,
-                                                           int16_t* wide, float* scale, int32_t* zero) {
+                                                           float* scale, int32_t* zero) {
   __m256 vlo = _mm256_setzero_ps(), vhi = _mm256_setzero_ps();
   int64_t j = 0;
   for (; j + 8 <= k; j += 8) {
@@ -111,13 +114,9 @@ __attribute__((target("avx2,fma"))) void quantize_row_avx2(const float* row, int
     q = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(q, vz), _mm256_setzero_ps()), top);
     const __m256i v32 = _mm256_cvtps_epi32(q);  // 0..255
     const __m128i v16 = _mm_packus_epi32(_mm256_castsi256_si128(v32), _mm256_extracti128_si256(v32, 1));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(wide + j), v16);
     _mm_storel_epi64(reinterpret_cast<__m128i*>(out + j), _mm_packus_epi16(v16, v16));
   }
-  for (; j < k; ++j) {
-    out[j] = quantize_one(row[j], inv, z);
-    wide[j] = out[j];
-  }
+  for (; j < k; ++j) out[j] = quantize_one(row[j], inv, z);
 }
 
 enum class Path { kGeneric, kAvx2, kVnni };
@@ -128,7 +127,6 @@ QuantizedRows quantize_rows(const float* x, int64_t m, int64_t k, Path path) {
   QuantizedRows q;
   q.stride = ceil_div(k, kInt8Group) * kInt8Group;
   q.data.assign(static_cast<size_t>(m * q.stride), 0);
-  if (path == Path::kAvx2) q.wide.assign(static_cast<size_t>(m * q.stride), 0);
   q.scale.resize(m);
   q.zero.resize(m);
   at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
@@ -137,7 +135,7 @@ QuantizedRows quantize_rows(const float* x, int64_t m, int64_t k, Path path) {
       if (path == Path::kVnni)
         quantize_row_avx512(x + r * k, k, out, &q.scale[r], &q.zero[r]);
       else if (path == Path::kAvx2)
-        quantize_row_avx2(x + r * k, k, out, q.wide.data() + r * q.stride, &q.scale[r], &q.zero[r]);
+        quantize_row_avx2(x + r * k, k, out, &q.scale[r], &q.zero[r]);
       else
         quantize_row_generic(x + r * k, k, out, &q.scale[r], &q.zero[r]);
     }
@@ -207,47 +205,48 @@ void tile_vnni(const QuantizedRows& a, int64_t r0, int64_t rows, const int8_t* b
   }
 }
 
-// The same sums with AVX2. VPMADDUBSW (u8 x s8, pairs summed in int16) would saturate: 255 x 127 x 2 > 32767.
-// So both operands are widened to int16 and VPMADDWD (pairs summed in int32, exact) multiplies them: one 16-byte
-// load of the packed block holds 4 channels x 4 features, sign-extended to 16 int16 lanes; the row's 4 activations
-// of the group (zero-extended int16) are broadcast to every 64-bit lane, so each 32-bit lane of the product
-// accumulates one channel's features 0-1 or 2-3 (adjacent lanes are added at the end). kR rows x kC registers of
-// weights (4 kC channels) of accumulators stay in registers (kR kC + kC + 1 <= 16: no spills, which cost a
+// The same sums with AVX2: per group of 4 features, one 32-byte load holds 8 channels x 4 weights; the row's 4
+// activation bytes are broadcast to every 32-bit lane; VPMADDUBSW multiplies them (pairs summed in int16, exact
+// with 7-bit weights: kWeightMax) and VPMADDWD by ones adds each channel's two pairs into its int32 lane. kR rows x
+// kC registers of 8 channels accumulate in registers (kR kC + kC + 2 <= 16: no spills, which would cost a
 // store-to-load round trip per step) while a pass walks a chunk of kChunkGroups groups (8 KiB of the block, in L1
-// for the block's other passes); partial sums wait in `part` between chunks.
+// for the block's other passes, the next chunk prefetched); partial sums wait in `part` between chunks.
 constexpr int64_t kChunkGroups = 64;
 
 template <int kR, int kC>
-__attribute__((target("avx2,fma"))) void tile_avx2_rows(const int16_t* base, int64_t stride, const int8_t* block,
+__attribute__((target("avx2,fma"))) void tile_avx2_rows(const uint8_t* base, int64_t stride, const int8_t* block,
                                                         int64_t groups, int32_t (*acc)[kInt8Cols]) {
-  constexpr int64_t kPrefetchStep = kInt8Cols * kInt8Group * kC / 8;  // bytes: the passes cover one chunk
-  alignas(32) int32_t part[kR][2 * kInt8Cols] = {};
+  constexpr int64_t kPasses = kInt8Cols / (8 * kC);
+  constexpr int64_t kPrefetchStep = kInt8Cols * kInt8Group / kPasses / 2;  // bytes: the passes cover half a chunk
+  alignas(32) int32_t part[kR][kInt8Cols] = {};
+  const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t g0 = 0; g0 < groups; g0 += kChunkGroups) {
     const int64_t g1 = std::min(groups, g0 + kChunkGroups);
-    for (int64_t pass = 0; pass < kInt8Cols / (4 * kC); ++pass) {
+    for (int64_t pass = 0; pass < kPasses; ++pass) {
       __m256i sum[kR][kC];
 #pragma GCC unroll 8
       for (int r = 0; r < kR; ++r)
 #pragma GCC unroll 8
         for (int c = 0; c < kC; ++c)
           sum[r][c] = _mm256_load_si256(reinterpret_cast<const __m256i*>(part[r] + 8 * (pass * kC + c)));
-      const int8_t* w = block + g0 * kInt8Cols * kInt8Group + pass * 4 * kC * kInt8Group;
-      // The next chunk (or the next block: they are contiguous), one slice per step, spread over the passes.
+      const int8_t* w = block + g0 * kInt8Cols * kInt8Group + pass * 32 * kC;
+      // The next chunk (or the next block: they are contiguous), two slices per step, spread over the passes.
       const char* ahead = reinterpret_cast<const char*>(block + g1 * kInt8Cols * kInt8Group) +
-                          pass * kChunkGroups * kPrefetchStep;
-      for (int64_t g = g0; g < g1; ++g, w += kInt8Cols * kInt8Group, ahead += kPrefetchStep) {
+                          pass * kChunkGroups * 2 * kPrefetchStep;
+      for (int64_t g = g0; g < g1; ++g, w += kInt8Cols * kInt8Group, ahead += 2 * kPrefetchStep) {
         _mm_prefetch(ahead, _MM_HINT_T0);
+        _mm_prefetch(ahead + kPrefetchStep, _MM_HINT_T0);
         __m256i wv[kC];
 #pragma GCC unroll 8
-        for (int c = 0; c < kC; ++c)
-          wv[c] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16 * c)));
+        for (int c = 0; c < kC; ++c) wv[c] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * c));
 #pragma GCC unroll 8
         for (int r = 0; r < kR; ++r) {
-          int64_t four;
+          int32_t four;
           std::memcpy(&four, base + r * stride + g * kInt8Group, sizeof four);
-          const __m256i x = _mm256_set1_epi64x(four);
+          const __m256i x = _mm256_set1_epi32(four);
 #pragma GCC unroll 8
-          for (int c = 0; c < kC; ++c) sum[r][c] = _mm256_add_epi32(sum[r][c], _mm256_madd_epi16(x, wv[c]));
+          for (int c = 0; c < kC; ++c)
+            sum[r][c] = _mm256_add_epi32(sum[r][c], _mm256_madd_epi16(_mm256_maddubs_epi16(x, wv[c]), ones));
         }
       }
 #pragma GCC unroll 8
@@ -257,15 +256,14 @@ __attribute__((target("avx2,fma"))) void tile_avx2_rows(const int16_t* base, int
           _mm256_store_si256(reinterpret_cast<__m256i*>(part[r] + 8 * (pass * kC + c)), sum[r][c]);
     }
   }
-  for (int r = 0; r < kR; ++r)
-    for (int64_t c = 0; c < kInt8Cols; ++c) acc[r][c] = part[r][2 * c] + part[r][2 * c + 1];
+  for (int r = 0; r < kR; ++r) std::memcpy(acc[r], part[r], sizeof part[r]);
 }
 
-// A tile of up to 8 rows in sub-tiles of 4 rows x 8 channels (11 registers), the last 1-3 rows with more channels
-// per pass so each broadcast activation still meets several weight registers.
+// A tile of up to 8 rows in sub-tiles of 4 rows x 16 channels (14 registers), the last 1-3 rows with all 32
+// channels per pass so each broadcast activation still meets several weight registers.
 void tile_avx2(const QuantizedRows& a, int64_t r0, int64_t rows, const int8_t* block, int64_t groups,
                int32_t acc[kRows][kInt8Cols]) {
-  const int16_t* base = a.wide.data() + r0 * a.stride;
+  const uint8_t* base = a.data.data() + r0 * a.stride;
   int64_t r = 0;
   for (; r + 4 <= rows; r += 4) tile_avx2_rows<4, 2>(base + r * a.stride, a.stride, block, groups, acc + r);
   switch (rows - r) {
@@ -340,11 +338,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_pack_weight(const at::Tensor
       const float* row = src + c * k;
       float peak = 0.f;
       for (int64_t j = 0; j < k; ++j) peak = std::max(peak, std::fabs(row[j]));
-      const float s = peak > 0.f ? peak / 127.f : 1.f;
+      const float s = peak > 0.f ? peak / kWeightMax : 1.f;
       int32_t sum = 0;
       int8_t* out = dst + (c / kInt8Cols) * groups * kInt8Cols * kInt8Group + (c % kInt8Cols) * kInt8Group;
       for (int64_t j = 0; j < k; ++j) {
-        const auto q = static_cast<int8_t>(std::clamp(std::nearbyint(row[j] / s), -127.f, 127.f));
+        const auto q = static_cast<int8_t>(std::clamp(std::nearbyint(row[j] / s), -kWeightMax, kWeightMax));
         out[(j / kInt8Group) * kInt8Cols * kInt8Group + j % kInt8Group] = q;
         sum += q;
       }

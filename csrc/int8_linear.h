@@ -4,7 +4,7 @@
 //
 // Packed weight layout, [ceil(N/32), ceil(K/4), 32, 4] int8: for each block of 32 output channels, each group of
 // 4 input features holds 32 x 4 bytes, the operand one AVX512-VNNI VPDPBUSD pair multiplies by 4 activation
-// bytes broadcast to every lane (the AVX2 path widens 16 bytes at a time: 4 channels x 4 features). Padding (K to a multiple of 4, N to a multiple of 32) is zero.
+// bytes broadcast to every lane (AVX2's VPMADDUBSW takes 8 channels x 4 features per 32-byte load). Padding (K to a multiple of 4, N to a multiple of 32) is zero.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -25,7 +25,8 @@ struct PackedLinear {
   int64_t n, k;
 };
 
-// weight [N, K] float32 -> (packed int8, scale [N] float32, colsum [N] int32): symmetric per-channel quantisation.
+// weight [N, K] float32 -> (packed int8, scale [N] float32, colsum [N] int32): symmetric per-channel quantisation
+// to [-64, 64] (7 bits: exact in AVX2's VPMADDUBSW, see int8_linear.cpp).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_pack_weight(const at::Tensor& weight);
 
 // Validates one packed layer's tensors for inputs of `k` features ("what" names the layer in errors).

@@ -81,15 +81,20 @@ def test_int8_linear_paths_agree_and_match_fp32(m, k, n, generic_and_fast):
                                    (11, 257, 97), (13, 300, 70)])
 def test_int8_paths_give_exact_integer_sums(path, m, k, n):
     """Activations 0..255 with each row spanning 0 and 255 quantise to themselves (scale 1, zero point 0), weights
-    -127..127 with each channel reaching +-127 to themselves (scale 1): the output is the integer product itself,
-    exact in float32 at these K, so every path must return it exactly (no saturation, no lost sums)."""
+    -64..64 with each channel reaching +-64 to themselves (scale 1; weights are packed in 7 bits): the output is the
+    integer product itself, exact in float32 at these K, so every path must return it exactly. Pairs of 255 x 64
+    products are the largest AVX2's VPMADDUBSW meets: any saturation would show."""
     g = torch.Generator().manual_seed(m * 1000 + k + n)
     x = torch.randint(0, 256, (m, k), generator=g)
     x[:, 0], x[:, -1] = 0, 255
-    w = torch.randint(-127, 128, (n, k), generator=g)
-    w[:, k // 2] = torch.where(torch.rand(n, generator=g) < 0.5, -127, 127)
+    w = torch.randint(-64, 65, (n, k), generator=g)
+    w[:, k // 2] = torch.where(torch.rand(n, generator=g) < 0.5, -64, 64)
+    if k > 4:  # features 2 and 3 form one VPMADDUBSW pair: 255 x 64 twice, +32640 or -32640 in int16
+        x[:, 2:4] = 255
+        w[: n // 2, 2:4], w[n // 2:, 2:4] = 64, -64
     exact = (x @ w.T).float()
     layer = pack_linear(w.float(), None)
+    assert int(layer[0].abs().max()) == 64  # 7-bit weights: the packed values themselves
     ops.set_max_isa(INT8_PATHS[path])
     try:
         assert int8_isa() == path
