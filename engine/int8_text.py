@@ -2,11 +2,11 @@
 
 For a short query the text tower's cost is reading its weights (85M for ViT-B-16's RoBERTa-base), and with 8
 tokens the int8 matrix products of ONNX Runtime and PyTorch run well below the memory rate; the native encoder
-streams each layer's int8 weights once per call through AVX512-VNNI dot products (on AVX2-only CPUs, VPMADDWD on
-operands widened to int16, exact where VPMADDUBSW would saturate; portable loops elsewhere; all with identical
-integer sums) and does the rest (embeddings, LayerNorm, attention, GELU) in float32 with no per-op
-framework cost. Weights are quantised per output channel (symmetric int8), activations per row on every call
-(asymmetric uint8, the scheme of ONNX Runtime's dynamic int8). The text projection stays float32.
+streams each layer's int8 weights once per call through AVX512-VNNI dot products (on AVX2-only CPUs VPMADDUBSW,
+exact because the weights have 7-bit values; portable loops elsewhere; all with identical integer sums) and does
+the rest (embeddings, LayerNorm, attention, GELU) in float32 with no per-op framework cost. Weights are quantised
+per output channel (symmetric, values in [-64, 64]), activations per row on every call (asymmetric uint8, the
+scheme of ONNX Runtime's dynamic int8, which also keeps 7-bit weights). The text projection stays float32.
 
 Operators (torch.ops.cnclip.*, checked in csrc/int8_ops.cpp; fake kernels below for torch.compile):
 int8_pack_linear(weight [N, K]) -> (packed, scale, colsum); int8_linear(x [M, K], packed, scale, colsum, bias)
