@@ -20,3 +20,12 @@ class CheckpointError(EngineError):
 
 class IndexFormatError(EngineError):
     """An index directory is missing, damaged, or was made with another model or checkpoint."""
+
+
+class IdConflictError(InputError):
+    """Another process's commit, made while this write waited, added an id this write adds, or deleted a row this
+    write deletes (HTTP 409); the write changed nothing."""
+
+
+class IndexBusyError(EngineError):
+    """The index's writer lock stayed held by another writer past the lock timeout (HTTP 503, retry)."""

@@ -338,6 +338,11 @@ class Retriever:
         """Delete texts by id (an unknown id is an InputError and nothing is deleted); returns the count."""
         return self.index.delete_texts(ids)
 
+    def refresh(self) -> bool:
+        """Follow another process's newer commit of this index now (reads also do it at most every
+        `index.refresh_interval_s`); True when the index changed."""
+        return self.index.refresh()
+
     def compact(self) -> None:
         """Merge all segments into one and drop deleted rows (automatic compaction handles the usual case)."""
         self.index.compact()

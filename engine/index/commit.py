@@ -1,17 +1,20 @@
 """The commit protocol: one small file (`index.json`) names the live segments, their delete files and the files
-the previous commit retired. A commit replaces it atomically under the index's file lock, refuses when another
-process committed since this one read it (generation check), and puts the previous file back when the replace
-fails part-way. Files the caller wrote for a commit that then fails are discarded (`discard_on_failure`).
+the previous commit retired. A writer takes the index's file lock (one writer across processes), rebases onto the
+newest commit, and replaces the file atomically (a generation check guards it), putting the previous file back
+when the replace fails part-way. Files the caller wrote for a commit that then fails are discarded (`discard_on_failure`).
 """
 from __future__ import annotations
 
 import fcntl
 import json
+import os
+import socket
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..errors import IndexFormatError
+from ..errors import IndexBusyError, IndexFormatError
 from .storage import write_bytes_atomic, write_json_atomic
 
 COMMIT = "index.json"
@@ -43,28 +46,50 @@ def read_commit(root: Path) -> dict[str, Any]:
 
 
 def write_commit(root: Path, data: dict[str, Any], previous_generation: int) -> None:
-    """Replace the commit by `data` (generation previous + 1) under the file lock; IndexFormatError when the
-    commit on disk is not `previous_generation` (another process committed; nothing is written)."""
+    """Replace the commit by `data` (generation previous + 1); the caller holds the writer lock (`file_lock`).
+    IndexFormatError when the commit on disk is not `previous_generation` (nothing is written)."""
     path = root / COMMIT
-    with file_lock(root):
-        previous = path.read_bytes() if previous_generation else None
-        on_disk = read_commit(root)["generation"] if previous_generation else 0
-        if on_disk != previous_generation:
-            raise IndexFormatError(f"index {root} was changed by another process (commit {on_disk}, this "
-                                   f"process has {previous_generation}); reopen it")
-        try:
-            write_json_atomic(path, data)
-        except BaseException:
-            restore(path, previous)
-            raise
+    previous = path.read_bytes() if previous_generation else None
+    on_disk = read_commit(root)["generation"] if previous_generation else 0
+    if on_disk != previous_generation:
+        raise IndexFormatError(f"index {root.name}: the commit on disk is {on_disk}, this writer expected "
+                               f"{previous_generation}")
+    try:
+        write_json_atomic(path, data)
+    except BaseException:
+        restore(path, previous)
+        raise
+
+
+def commit_generation(root: Path) -> int:
+    """The generation of the commit on disk (reads the small commit file)."""
+    return int(read_commit(root)["generation"])
 
 
 @contextmanager
-def file_lock(root: Path) -> Iterator[None]:
-    """The index's writer lock (one commit at a time across processes)."""
-    with open(root / LOCK, "a") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+def file_lock(root: Path, timeout_s: float | None = None) -> Iterator[None]:
+    """The index's writer lock, one writer at a time across processes and machines sharing the folder's locks
+    (flock: a dead holder's lock is released by the kernel, so no stale lock outlives its process). The holder
+    writes its pid and host into the LOCK file; a writer that waits past `timeout_s` gets IndexBusyError naming
+    them."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    with open(root / LOCK, "a+", encoding="utf-8") as f:
+        while True:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    f.seek(0)
+                    holder = f.read().strip() or "another writer"
+                    raise IndexBusyError(f"index {root.name} is being written by {holder} for more than "
+                                         f"{timeout_s:g} s; try again") from None
+                time.sleep(0.005)
         try:
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+            f.flush()
             yield
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)

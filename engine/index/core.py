@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import logging
 import threading
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from ..errors import EngineError, IndexFormatError, InputError
+from ..errors import EngineError, IdConflictError, IndexFormatError, InputError
 from ..ids import Id, check_id, id_key
 from .commit import COMMIT, DELETES, FORMAT_NAME, SEGMENTS, discard_on_failure, read_commit
 from .compaction import CompactionPolicy, full_groups, merged_segment
@@ -37,9 +39,16 @@ class Index(IndexReads):
     """Images and texts with ids, vectors, payloads and thumbnails; bound to a directory or in memory only."""
 
     def __init__(self, manifest: IndexManifest, *, directory: str | Path | None = None,
-                 policy: CompactionPolicy = CompactionPolicy(), device: str = "cpu") -> None:
-        """An empty in-memory index (use `create`/`open` for one on disk)."""
+                 policy: CompactionPolicy = CompactionPolicy(), device: str = "cpu",
+                 refresh_interval_s: float | None = 1.0, lock_timeout_s: float | None = 30.0) -> None:
+        """An empty in-memory index (use `create`/`open` for one on disk). `refresh_interval_s`: how often reads
+        look for another process's newer commit (None: only `refresh()`); `lock_timeout_s`: how long a write
+        waits for another writer before IndexBusyError (None: forever)."""
         self.policy = policy
+        self.refresh_interval_s = refresh_interval_s
+        self.lock_timeout_s = lock_timeout_s
+        self._manifest_override: IndexManifest | None = None
+        self._writing = False
         self.place = Placement(device)
         self._dir = directory_at(directory)
         self._lock = threading.RLock()
@@ -54,7 +63,8 @@ class Index(IndexReads):
         """A new empty index in `directory` (created; it must not already hold an index)."""
         root = DiskDirectory.create(directory).path
         index = cls(manifest, directory=root, **options)
-        index._commit(index._snapshot.segments, {})
+        with index._lock, index._dir.writer_lock(index.lock_timeout_s):
+            index._commit(index._current.segments, {})
         return index
 
     @classmethod
@@ -67,6 +77,46 @@ class Index(IndexReads):
         return index
 
     load = open  # the name earlier releases used
+
+    # ---- following other processes' commits ---------------------------------------------------------------
+
+    def refresh(self) -> bool:
+        """Swap in the newest commit when another process made one (True then); searches in flight finish on the
+        snapshot they started with, and segments both commits hold are kept as they are (mapped, resident)."""
+        generation = self._dir.generation()
+        if generation is None:
+            return False
+        with self._lock:
+            old = self._current
+            if generation == old.generation:
+                return False
+            state = open_state(self._dir.path, reuse={live.segment.name: live.segment for live in old.segments})
+            snapshot = state.snapshot
+            if self._manifest_override is not None:  # settings changed in memory (scoring, ANN) stay
+                snapshot = replace(snapshot, manifest=self._manifest_override)
+            names = {live.segment.name for live in snapshot.segments}
+            gone = [p for live in old.segments if live.segment.name not in names for p in live.segment.parts.values()]
+            self._current, self._delete_files, self._retired = snapshot, state.delete_files, state.retired
+            self.place.forget(gone)
+            log.info("index %s: followed another process's commit %d -> %d", self._dir.path.name, old.generation,
+                     snapshot.generation)
+            return True
+
+    @contextmanager
+    def _writer(self) -> Iterator[Snapshot]:
+        """One writer at a time: this process's lock, then the index's writer lock across processes (waiting at
+        most lock_timeout_s), then a rebase onto the newest commit, which it yields."""
+        with self._lock:
+            if self._writing:  # already held by this thread (a write's automatic compaction)
+                yield self._current
+                return
+            with self._dir.writer_lock(self.lock_timeout_s):
+                self._writing = True
+                try:
+                    self.refresh()
+                    yield self._current
+                finally:
+                    self._writing = False
 
     # ---- writing ------------------------------------------------------------------------------------------
 
@@ -90,8 +140,13 @@ class Index(IndexReads):
                 return []
             segment = build_segment([s for s in sources if len(s)], snap.manifest, directory=self._dir.segments,
                                     build_ann=None)
-            with discard_on_failure([segment.path]):
-                self._commit(snap.segments + (LiveSegment.of(segment),), {})
+            with discard_on_failure([segment.path]), self._writer() as latest:
+                for source in sources:  # another process's commit may have added an id since `snap`
+                    for item in source.ids:
+                        if latest.contains(source.kind, id_key(item)):
+                            raise IdConflictError(f"{source.kind[:-1]} id {item!r} was added by another process "
+                                                  "while this write waited; nothing was added")
+                self._commit(latest.segments + (LiveSegment.of(segment),), {})
             self._maybe_compact()
             return [i for s in sources for i in s.ids]
 
@@ -106,38 +161,46 @@ class Index(IndexReads):
         if isinstance(ids, (str, bytes)) or not hasattr(ids, "__len__"):
             raise InputError(f"ids must be a list, got {type(ids).__name__}")
         with self._lock:
-            snap = self._snapshot
-            by_segment: dict[int, list[int]] = {}
-            seen: set[str] = set()
-            for position, item in enumerate(ids):
-                key = id_key(check_id(item, position))
-                found = snap.locate(kind, key)
-                if key in seen:
-                    raise InputError(f"id #{position}: {item!r} is given twice")
-                if found is None:
-                    raise InputError(f"id #{position}: unknown {kind[:-1]} id {item!r}; nothing was deleted")
-                seen.add(key)
-                by_segment.setdefault(found[0], []).append(found[1])
-            if not by_segment:
-                return 0
-            segments = list(snap.segments)
-            files: dict[str, dict[str, str]] = {}
-            with discard_on_failure(lambda: self._dir.delete_paths([f for by in files.values() for f in by.values()])):
-                for position, rows in by_segment.items():
-                    live = segments[position]
-                    merged = np.union1d(live.deleted.get(kind, np.zeros(0, np.int64)), rows).astype(np.int64)
-                    name = self._dir.write_deletes(live.segment.name, kind, merged)
-                    if name is not None:
-                        files[live.segment.name] = {kind: name}
-                    segments[position] = LiveSegment.of(live.segment, {**live.deleted, kind: merged})
-                self._commit(tuple(segments), files)
-            self._maybe_compact()
-            return len(seen)
+            seen_before = self._snapshot
+            with self._writer() as snap:
+                return self._delete(kind, ids, seen_before, snap)
+
+    def _delete(self, kind: str, ids: Sequence[Id], seen_before: Snapshot, snap: Snapshot) -> int:
+        """The delete itself, under the writer lock, against the newest commit `snap`; an id that `seen_before`
+        (what the caller could see) held but `snap` no longer does was deleted by another process (409)."""
+        by_segment: dict[int, list[int]] = {}
+        seen: set[str] = set()
+        for position, item in enumerate(ids):
+            key = id_key(check_id(item, position))
+            found = snap.locate(kind, key)
+            if key in seen:
+                raise InputError(f"id #{position}: {item!r} is given twice")
+            if found is None and seen_before.locate(kind, key) is not None:
+                raise IdConflictError(f"id #{position}: {kind[:-1]} {item!r} was deleted by another process "
+                                      "while this delete waited; nothing was deleted")
+            if found is None:
+                raise InputError(f"id #{position}: unknown {kind[:-1]} id {item!r}; nothing was deleted")
+            seen.add(key)
+            by_segment.setdefault(found[0], []).append(found[1])
+        if not by_segment:
+            return 0
+        segments = list(snap.segments)
+        files: dict[str, dict[str, str]] = {}
+        with discard_on_failure(lambda: self._dir.delete_paths([f for by in files.values() for f in by.values()])):
+            for position, rows in by_segment.items():
+                live = segments[position]
+                merged = np.union1d(live.deleted.get(kind, np.zeros(0, np.int64)), rows).astype(np.int64)
+                name = self._dir.write_deletes(live.segment.name, kind, merged)
+                if name is not None:
+                    files[live.segment.name] = {kind: name}
+                segments[position] = LiveSegment.of(live.segment, {**live.deleted, kind: merged})
+            self._commit(tuple(segments), files)
+        self._maybe_compact()
+        return len(seen)
 
     def compact(self, *, full: bool = True) -> None:
         """Merge segments and drop deleted rows: all into one (`full`), or what the policy asks for."""
-        with self._lock:
-            snap = self._snapshot
+        with self._writer() as snap:
             groups = full_groups(snap) if full else self.policy.groups(snap)
             if groups:
                 self._merge(snap, groups)
@@ -148,8 +211,7 @@ class Index(IndexReads):
         """Commit segments written by `write_segment` (all or none); ids must be new and unique across them."""
         if self._dir.segments is None:
             raise InputError("publish needs an index bound to a directory")
-        with self._lock:
-            snap = self._snapshot
+        with self._writer() as snap:
             identity = snap.manifest.identity()
             names = [ref.name for ref in refs]
             if len(set(names)) != len(names) or set(names) & {s.segment.name for s in snap.segments}:
@@ -185,7 +247,8 @@ class Index(IndexReads):
             snap = self._snapshot
             copy = Index.create(target, snap.manifest, policy=self.policy)
             rewritten = (merged_segment([live], snap.manifest, copy._dir.segments) for live in snap.segments)
-            copy._commit(tuple(LiveSegment.of(s) for s in rewritten if s is not None), {})
+            with copy._writer():
+                copy._commit(tuple(LiveSegment.of(s) for s in rewritten if s is not None), {})
             self._dir, self._snapshot = copy._dir, copy._snapshot
             self._delete_files, self._retired = {}, []
             return target
@@ -194,8 +257,9 @@ class Index(IndexReads):
 
     def _commit(self, segments: tuple[LiveSegment, ...], delete_files: dict[str, dict[str, str]],
                 manifest: IndexManifest | None = None) -> None:
-        """Make `segments` the live state: durably first (in the directory), then in memory."""
-        snap = self._snapshot
+        """Make `segments` the live state: durably first (in the directory), then in memory. The caller holds
+        the writer lock (`_writer`) and built `segments` from the snapshot it yielded."""
+        snap = self._current
         manifest = manifest or snap.manifest
         files = {live.segment.name: {**self._delete_files.get(live.segment.name, {}),
                                      **delete_files.get(live.segment.name, {})} for live in segments}
@@ -228,15 +292,16 @@ class Index(IndexReads):
 
     def _maybe_compact(self) -> None:
         """Automatic compaction after a write; the write itself already succeeded, so a failure is only logged."""
-        groups = self.policy.groups(self._snapshot)
-        if not groups:
-            return
         try:
-            self._merge(self._snapshot, groups)
+            with self._writer() as snap:
+                groups = self.policy.groups(snap)
+                if groups:
+                    self._merge(snap, groups)
         except (OSError, EngineError) as exc:
             log.warning("automatic compaction failed (the write itself is committed): %s", exc)
 
     def _merge(self, snap: Snapshot, groups: list[list[int]]) -> None:
+        """(Under the writer lock, `snap` the newest commit.)"""
         """Replace each group of segments by one segment of their live rows (at the first one's position)."""
         replaced: dict[int, LiveSegment | None] = {}
         for group in groups:
@@ -250,7 +315,7 @@ class Index(IndexReads):
 
     def _sweep(self) -> None:
         """Remove what crashed writes left behind (engine.index.gc.sweep)."""
-        self._dir.sweep({live.segment.name for live in self._snapshot.segments},
+        self._dir.sweep({live.segment.name for live in self._current.segments},
                         {f for by_kind in self._delete_files.values() for f in by_kind.values()}, set(self._retired))
 
 

@@ -3,6 +3,7 @@
 nothing, so every write runs the same code in both."""
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Any, Union
@@ -11,7 +12,8 @@ import numpy as np
 
 from ..errors import IndexFormatError
 from . import gc
-from .commit import COMMIT, DELETES, LEGACY_CURRENT, SEGMENTS, discard_on_failure, write_commit
+from .commit import (COMMIT, DELETES, LEGACY_CURRENT, SEGMENTS, commit_generation, discard_on_failure, file_lock,
+                     write_commit)
 from .storage import fsync_dir, write_array
 
 
@@ -26,6 +28,14 @@ class MemoryDirectory:
 
     def delete_paths(self, names: list[str]) -> list[Path]:
         return []
+
+    def writer_lock(self, timeout_s: float | None) -> contextlib.AbstractContextManager:
+        """No other process can write an index in memory."""
+        return contextlib.nullcontext()
+
+    def generation(self) -> int | None:
+        """No commit on disk to follow."""
+        return None
 
     def commit(self, data: dict[str, Any], previous_generation: int, retired: list[str]) -> None:
         """Nothing to make durable."""
@@ -69,8 +79,17 @@ class DiskDirectory:
     def delete_paths(self, names: list[str]) -> list[Path]:
         return [self.path / DELETES / name for name in names]
 
+    def writer_lock(self, timeout_s: float | None) -> contextlib.AbstractContextManager:
+        """The index's cross-process writer lock (engine.index.commit.file_lock)."""
+        return file_lock(self.path, timeout_s)
+
+    def generation(self) -> int | None:
+        """The generation of the commit on disk."""
+        return commit_generation(self.path)
+
     def commit(self, data: dict[str, Any], previous_generation: int, retired: list[str]) -> None:
-        """Replace the commit (engine.index.commit), then remove what the previous commit retired."""
+        """Replace the commit (engine.index.commit; the caller holds the writer lock), then remove what the
+        previous commit retired."""
         write_commit(self.path, data, previous_generation)
         gc.remove_retired(self.path, retired)
 

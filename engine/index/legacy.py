@@ -58,7 +58,8 @@ def upgrade(directory: str | Path, drop_texts: bool = False) -> str:
         segments = (LiveSegment.of(build_segment([PartSource.of(checked, manifest.dtype)], manifest,
                                                  directory=root / SEGMENTS)),)
     fsync_dir(root)
-    index._commit(segments, {})
+    with index._dir.writer_lock(index.lock_timeout_s):  # no commit to rebase onto yet
+        index._commit(segments, {})
     _remove_legacy(root)
     dropped = f", dropped {texts} texts (re-encode them)" if texts else ""
     return f"upgraded {root}: {len(ids)} images{dropped} -> segmented format"

@@ -27,13 +27,14 @@ class OpenedState:
     retired: list[str]
 
 
-def open_state(root: Path) -> OpenedState:
+def open_state(root: Path, reuse: dict[str, Segment] | None = None) -> OpenedState:
     """The validated state of the index at `root`, retrying when a concurrent writer retires a file between
-    reading the commit and opening what it names."""
+    reading the commit and opening what it names. Segments in `reuse` (by name: segments are immutable) are
+    taken as they are instead of being mapped again, so a refresh keeps their device-resident copies."""
     for attempt in range(_OPEN_RETRIES):
         data = read_commit(root)
         try:
-            return _state(root, data)
+            return _state(root, data, reuse or {})
         except FileNotFoundError as exc:
             if attempt == _OPEN_RETRIES - 1 or read_commit(root)["generation"] == data["generation"]:
                 raise IndexFormatError(f"index {root}: missing file {exc.filename}") from exc
@@ -44,7 +45,7 @@ def manifest_of(root: Path, data: dict[str, Any]) -> IndexManifest:
     return IndexManifest.from_json(data.get("manifest", {}), str(root / COMMIT))
 
 
-def _state(root: Path, data: dict[str, Any]) -> OpenedState:
+def _state(root: Path, data: dict[str, Any], reuse: dict[str, Segment]) -> OpenedState:
     where = str(root / COMMIT)
     manifest = manifest_of(root, data)
     if manifest.format_version != FORMAT_VERSION:
@@ -54,9 +55,11 @@ def _state(root: Path, data: dict[str, Any]) -> OpenedState:
     try:
         for entry in data["segments"]:
             path = root / SEGMENTS / f"{entry['name']}{SEGMENT_SUFFIX}"
-            if not path.exists():
-                raise FileNotFoundError(2, "missing", str(path))
-            segment = Segment.open(path)
+            segment = reuse.get(entry["name"])
+            if segment is None:
+                if not path.exists():
+                    raise FileNotFoundError(2, "missing", str(path))
+                segment = Segment.open(path)
             check_segment(segment, manifest, entry, str(path))
             deletes = {kind: _read_deletes(root / DELETES / name, segment.rows(kind))
                        for kind, name in entry.get("deletes", {}).items()}

@@ -2,6 +2,7 @@
 over the current immutable Snapshot (so they run from many threads while one writer works)."""
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -18,11 +19,33 @@ from .snapshot import Snapshot
 
 
 class IndexReads:
-    """The read side of `Index` (engine.index.core): it holds `_snapshot`, `_dir` and `place`."""
+    """The read side of `Index` (engine.index.core): it holds `_current`, `_dir` and `place`. Every read goes
+    through `_snapshot`, which first follows another process's newer commit (`refresh`), checked at most every
+    `refresh_interval_s` (None: only when `refresh()` is called)."""
 
-    _snapshot: Snapshot
+    _current: Snapshot
     _dir: Directory
     place: Placement
+    refresh_interval_s: float | None = 1.0
+    _checked_at: float = float("-inf")
+    _manifest_override: IndexManifest | None = None
+
+    @property
+    def _snapshot(self) -> Snapshot:
+        if self.refresh_interval_s is not None and self._dir.path is not None:
+            now = time.monotonic()
+            if now - self._checked_at >= self.refresh_interval_s:
+                self._checked_at = now
+                self.refresh()
+        return self._current
+
+    @_snapshot.setter
+    def _snapshot(self, snapshot: Snapshot) -> None:
+        self._current = snapshot
+
+    def refresh(self) -> bool:
+        """Swap in the newest commit when another process made one (engine.index.core implements it)."""
+        raise NotImplementedError
 
     @property
     def directory(self) -> Path | None:
@@ -38,6 +61,7 @@ class IndexReads:
         """Change the default scoring or ANN search settings (the identity must stay the same)."""
         if manifest.identity() != self.manifest.identity():
             raise IndexFormatError("a manifest with another identity cannot replace this index's")
+        self._manifest_override = manifest  # kept when another process's commit is followed
         self._snapshot = replace(self._snapshot, manifest=manifest)
 
     def snapshot(self) -> Snapshot:

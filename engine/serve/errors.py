@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from ..batcher import BatcherClosed, QueueFull, Timeout
-from ..errors import EngineError, ImageDecodeError, InputError
+from ..errors import EngineError, IdConflictError, ImageDecodeError, IndexBusyError, InputError
 
 
 class ErrorBody(BaseModel):
@@ -50,13 +50,15 @@ STATUS_TEXT = {
          "of depth, number size, string length or item count",
     401: "missing or wrong API key (`Authorization: Bearer KEY`)",
     404: "unknown id",
+    409: "another process's commit, made while this write waited, added an id it adds or deleted a row it deletes",
     408: "the request body did not arrive within --body-timeout-s",
     413: "request body over --max-body-mb",
     415: "unsupported content type (send application/json or multipart/form-data)",
     422: "invalid values: empty query, k out of range, a bad or duplicate id, wrong field types",
     429: "a tower queue is full; retry after the Retry-After seconds",
     500: "the index could not be written (disk full or failing); nothing was changed",
-    503: "not ready yet, more than --max-concurrency requests in flight, or a request timed out in a queue",
+    503: "not ready yet, more than --max-concurrency requests in flight, a request timed out in a queue, or the "
+         "index's writer lock stayed held by another writer (retry after Retry-After)",
 }
 
 
@@ -83,6 +85,10 @@ def status_of(exc: BaseException) -> tuple[int, dict[str, str] | None]:
         return 404, None
     if isinstance(exc, ImageDecodeError):
         return 400, None
+    if isinstance(exc, IdConflictError):
+        return 409, None
+    if isinstance(exc, IndexBusyError):
+        return 503, {"Retry-After": "1"}
     if isinstance(exc, InputError):
         return 422, None
     if isinstance(exc, QueueFull):
