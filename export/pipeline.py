@@ -211,8 +211,8 @@ def _export_auto(job: _Job, staging: Path, calibration: Calibration) -> ExportMa
                                           f"{int(query.ne(PAD_ID).sum(1).max())} tokens; median of "
                                           f"{AUTO_REPEATS} calls per tower after a warm-up",
                               "tower_rule": "per tower: the first passing candidate (ONNX fp32) unless another's "
-                                            "median is lower by more than the larger spread (interquartile range "
-                                            "of the repeats) of the two",
+                                            "median is lower by more than the larger spread (median - min of the "
+                                            "repeats) of the two",
                               "backend": backend, "device": device, "machine": cpu_info().as_dict(),
                               "threads": torch.get_num_threads(), "candidates": candidates,
                               "towers": tower_selection, "checkpoint": job.checkpoint,
