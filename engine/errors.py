@@ -27,5 +27,9 @@ class IdConflictError(InputError):
     write deletes (HTTP 409); the write changed nothing."""
 
 
+class ReadOnlyIndexError(EngineError):
+    """A write to an index opened read-only (a replica: `python -m engine.serve --read-only`; HTTP 403)."""
+
+
 class IndexBusyError(EngineError):
     """The index's writer lock stayed held by another writer past the lock timeout (HTTP 503, retry)."""

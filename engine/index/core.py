@@ -19,7 +19,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from ..errors import EngineError, IdConflictError, IndexFormatError, InputError
+from ..errors import EngineError, IdConflictError, IndexFormatError, InputError, ReadOnlyIndexError
 from ..ids import Id, check_id, id_key
 from .commit import COMMIT, DELETES, FORMAT_NAME, SEGMENTS, discard_on_failure, read_commit
 from .compaction import CompactionPolicy, full_groups, merged_segment
@@ -40,11 +40,14 @@ class Index(IndexReads):
 
     def __init__(self, manifest: IndexManifest, *, directory: str | Path | None = None,
                  policy: CompactionPolicy = CompactionPolicy(), device: str = "cpu",
-                 refresh_interval_s: float | None = 1.0, lock_timeout_s: float | None = 30.0) -> None:
+                 refresh_interval_s: float | None = 1.0, lock_timeout_s: float | None = 30.0,
+                 read_only: bool = False) -> None:
         """An empty in-memory index (use `create`/`open` for one on disk). `refresh_interval_s`: how often reads
         look for another process's newer commit (None: only `refresh()`); `lock_timeout_s`: how long a write
-        waits for another writer before IndexBusyError (None: forever)."""
+        waits for another writer before IndexBusyError (None: forever); `read_only`: a replica that follows
+        commits and never takes the writer lock (every write raises ReadOnlyIndexError)."""
         self.policy = policy
+        self.read_only = read_only
         self.refresh_interval_s = refresh_interval_s
         self.lock_timeout_s = lock_timeout_s
         self._manifest_override: IndexManifest | None = None
@@ -102,10 +105,16 @@ class Index(IndexReads):
                      snapshot.generation)
             return True
 
+    def _check_writable(self) -> None:
+        if self.read_only:
+            name = self._dir.path.name if self._dir.path is not None else "(in memory)"
+            raise ReadOnlyIndexError(f"index {name} is open read-only: send adds and deletes to its writer")
+
     @contextmanager
     def _writer(self) -> Iterator[Snapshot]:
         """One writer at a time: this process's lock, then the index's writer lock across processes (waiting at
         most lock_timeout_s), then a rebase onto the newest commit, which it yields."""
+        self._check_writable()
         with self._lock:
             if self._writing:  # already held by this thread (a write's automatic compaction)
                 yield self._current
@@ -133,6 +142,7 @@ class Index(IndexReads):
 
     def add(self, *, images: ImageRows | None = None, texts: TextRows | None = None) -> list[Id]:
         """Add images and/or texts as one new segment; returns the new ids (images first)."""
+        self._check_writable()  # before any file is written
         with self._lock:
             snap = self._snapshot
             sources = _sources(snap.manifest, images, texts, lambda kind, key: snap.contains(kind, key))

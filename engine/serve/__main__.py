@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                                               "are durable there before they are answered (default: "
                                               "GALLERY/.cnclip-index with --gallery, else $CNCLIP_INDEX_DIR or "
                                               "~/.local/share/cnclip-engine/index-MODEL)")
+    p.add_argument("--read-only", action="store_true",
+                   help="serve the existing index at --index as a replica: it follows the writer's commits "
+                        "(within about 1 s) and answers adds and deletes 403; run one writer and any number of these")
     p.add_argument("--in-memory", action="store_true",
                    help="keep the index in memory only (nothing written; answers say \"persisted\": false)")
     p.add_argument("--gallery", type=Path, help="image folder to index at start-up (recursive; ids = paths relative "
@@ -113,6 +116,10 @@ def config_from_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> Se
         p.error("--model is required (unless --export, whose manifest names the model)")
     if args.in_memory and args.index is not None:
         p.error("--in-memory and --index are exclusive")
+    if args.read_only and (args.index is None or not (args.index / "index.json").is_file()):
+        p.error("--read-only needs --index DIR holding an index (a replica serves what its writer commits)")
+    if args.read_only and args.gallery is not None:
+        p.error("--read-only cannot index a --gallery: index it with the writer")
     if args.index is not None and args.index.exists() and not args.index.is_dir():
         p.error(f"--index {args.index}: not a directory")
     for flag, value in (("--workers", args.workers), ("--max-body-mb", args.max_body_mb),
@@ -133,7 +140,7 @@ def config_from_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> Se
     return ServeConfig(model=args.model, checkpoint=args.checkpoint, random_weights=args.random_weights,
                        export_dir=args.export, backend=args.backend, index_dir=index_dir, gallery=args.gallery,
                        texts=args.texts, laclip=laclip, device=args.device, precision=args.precision, batch=batch,
-                       workers=args.workers, max_pixels=args.max_pixels)
+                       workers=args.workers, max_pixels=args.max_pixels, read_only=args.read_only)
 
 
 def check_export_runtime(args: argparse.Namespace) -> str | None:

@@ -55,6 +55,7 @@ class ServeConfig:
     workers: int = 2
     max_pixels: int = DEFAULT_MAX_PIXELS
     encode_batch_size: int = 32  # gallery indexing at start-up
+    read_only: bool = False  # a replica: follows the index's commits, answers writes 403
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,7 @@ class ServerCore:
 
     def _load(self) -> Retriever:
         retriever = build_retriever(self.config)
+        retriever.index.read_only = self.config.read_only
         if self.config.gallery is not None:
             index_gallery(retriever, self.config.gallery, self.config.texts)
         return retriever

@@ -12,7 +12,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from ..batcher import BatcherClosed, QueueFull, Timeout
-from ..errors import EngineError, IdConflictError, ImageDecodeError, IndexBusyError, InputError
+from ..errors import (EngineError, IdConflictError, ImageDecodeError, IndexBusyError, InputError,
+                      ReadOnlyIndexError)
 
 
 class ErrorBody(BaseModel):
@@ -49,6 +50,7 @@ STATUS_TEXT = {
     400: "malformed body: bad JSON, bad base64, an undecodable, empty or over-sized image, a body over a limit "
          "of depth, number size, string length or item count",
     401: "missing or wrong API key (`Authorization: Bearer KEY`)",
+    403: "a write to a read-only server (--read-only): send adds and deletes to the index's writer",
     404: "unknown id",
     409: "another process's commit, made while this write waited, added an id it adds or deleted a row it deletes",
     408: "the request body did not arrive within --body-timeout-s",
@@ -87,6 +89,8 @@ def status_of(exc: BaseException) -> tuple[int, dict[str, str] | None]:
         return 400, None
     if isinstance(exc, IdConflictError):
         return 409, None
+    if isinstance(exc, ReadOnlyIndexError):
+        return 403, None
     if isinstance(exc, IndexBusyError):
         return 503, {"Retry-After": "1"}
     if isinstance(exc, InputError):

@@ -70,7 +70,7 @@ def build_router(core: ServerCore, policy: AccessPolicy, schemas: Schemas) -> AP
     JSON body models they take are collected in `schemas`."""
     keyed = [401] if policy.api_key is not None else []
     reads = error_responses([400, 408, 413, 415, 422, 429, 503, *keyed])
-    writes = error_responses([400, 408, 409, 413, 415, 422, 429, 500, 503, *keyed])
+    writes = error_responses([400, 403, 408, 409, 413, 415, 422, 429, 500, 503, *keyed])
     v1 = APIRouter(prefix="/v1")
 
     async def image_query(request: Request) -> tuple[Upload, ImageQuery]:
