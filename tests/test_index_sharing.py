@@ -135,3 +135,33 @@ def test_a_killed_holders_lock_is_released_and_its_commit_followed(tmp_path):
         proc.kill()
         proc.wait(timeout=10)
     assert Index.open(tmp_path / "idx").image_ids == ["a", "b", "from-child", "after"]
+
+
+def test_a_dead_writers_temporaries_are_swept_at_open_and_at_each_commit(tmp_path):
+    """Temporaries of a process of this host that no longer runs go at once; a live writer's stay; older
+    releases' (no pid) go after an hour."""
+    import socket
+
+    index = _create(tmp_path / "idx")
+    host = socket.gethostname().replace("-", "_")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    segments = tmp_path / "idx" / "segments"
+    leftovers = {
+        "dead": segments / f".tmp-{dead_pid}@{host}-abc.seg",
+        "dead-commit": tmp_path / "idx" / f".tmp-{dead_pid}@{host}-index.json",
+        "live": segments / f".tmp-{os.getpid()}@{host}-def.seg",
+        "old": segments / ".tmp-0123abcd.seg",
+        "old-young": segments / ".tmp-4567efab.seg",
+    }
+    for path in leftovers.values():
+        path.write_bytes(b"partial")
+    os.utime(leftovers["old"], (time.time() - 7200, time.time() - 7200))
+    Index.open(tmp_path / "idx")
+    assert not leftovers["dead"].exists() and not leftovers["dead-commit"].exists() and not leftovers["old"].exists()
+    assert leftovers["live"].exists() and leftovers["old-young"].exists()
+    again = segments / f".tmp-{dead_pid}@{host}-ghi.seg"
+    again.write_bytes(b"partial")
+    _add(index, ["c"], seed=3)  # the next commit sweeps too
+    assert not again.exists() and leftovers["live"].exists()
+    assert Index.open(tmp_path / "idx").image_ids == ["a", "b", "c"]

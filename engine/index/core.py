@@ -24,6 +24,7 @@ from ..ids import Id, check_id, id_key
 from .commit import COMMIT, DELETES, FORMAT_NAME, SEGMENTS, discard_on_failure, read_commit
 from .compaction import CompactionPolicy, full_groups, merged_segment
 from .directory import DiskDirectory, directory_at
+from .gc import sweep_temporaries
 from .manifest import IndexManifest
 from .opening import manifest_of, open_state
 from .reads import IndexReads
@@ -75,6 +76,7 @@ class Index(IndexReads):
         """Open the index in `directory`, memory-mapping its segments (rows are not read)."""
         root = Path(directory)
         state = open_state(root)
+        sweep_temporaries(root)  # a killed writer's temporaries (live writers' are left alone)
         index = cls(state.snapshot.manifest, directory=root, **options)
         index._snapshot, index._delete_files, index._retired = state.snapshot, state.delete_files, state.retired
         return index

@@ -92,6 +92,7 @@ class DiskDirectory:
         previous commit retired."""
         write_commit(self.path, data, previous_generation)
         gc.remove_retired(self.path, retired)
+        gc.sweep_temporaries(self.path)  # what killed writers left behind
 
     def sweep(self, segments: set[str], delete_files: set[str], pending: set[str]) -> None:
         gc.sweep(self.path, segments, delete_files, pending)

@@ -23,11 +23,10 @@ from ..laclip import ScoreConfig
 from .ann import Candidates, build_hnsw, build_ivf
 from .manifest import AnnConfig, IndexManifest
 from .rows import CheckedRows, decode_payload
-from .storage import RowStream, fsync_dir, read_container, verify_container, write_container
+from .storage import RowStream, fsync_dir, read_container, temp_tag, verify_container, write_container
 
 log = logging.getLogger(__name__)
 SEGMENT_SUFFIX = ".seg"
-TMP_PREFIX = ".tmp-"
 KINDS = ("images", "texts")
 _POOLED_CACHE_ENTRIES = 2
 ANN_COLUMNS = {"ivf": "ivf_fastscan", "hnsw": "hnsw"}  # the column holding each kind's serialised FAISS index
@@ -265,7 +264,7 @@ def build_segment(sources: list[PartSource], manifest: IndexManifest, *, directo
     if directory is None:
         materialised = {k: v if isinstance(v, np.ndarray) else _materialise(v) for k, v in columns.items()}
         return Segment(name, meta, materialised, f"<memory segment {name}>")
-    tmp = directory / f"{TMP_PREFIX}{name}{SEGMENT_SUFFIX}"
+    tmp = directory / f".{temp_tag()}{name}{SEGMENT_SUFFIX}"
     final = directory / f"{name}{SEGMENT_SUFFIX}"
     try:
         write_container(tmp, columns, meta)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import struct
 import zlib
 from dataclasses import dataclass
@@ -182,9 +183,15 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     write_bytes_atomic(path, json.dumps(data, ensure_ascii=False).encode("utf-8"))
 
 
+def temp_tag() -> str:
+    """What marks this process's temporary files: `tmp-<pid>@<host>-`, so a sweep can tell a dead writer's leftovers
+    (engine.index.gc.sweep_temporaries) from a live one's."""
+    return f"tmp-{os.getpid()}@{socket.gethostname().replace('-', '_')}-"
+
+
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Replace `path` by `data` atomically and durably: write a temporary, fsync, rename, fsync the folder."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{temp_tag()}{path.name}")
     try:
         with open(tmp, "wb") as f:
             f.write(data)
