@@ -63,6 +63,9 @@ class CropConfig:
         return cls(**data)
 
 
+MIN_TAU = 1e-4  # similarities lie in [-1, 1]: 2 / 1e-4 keeps every exponent and its pooled sum finite in fp32
+
+
 @dataclass(frozen=True)
 class ScoreConfig:
     """How a query is scored: chosen per call (per HTTP request too), no re-encoding needed.
@@ -80,8 +83,9 @@ class ScoreConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise InputError(f"{name} must be a number, got {value!r}")
-        if not self.tau > 0 or not math.isfinite(self.tau):
-            raise InputError(f"tau must be a finite number > 0, got {self.tau!r}")
+        if not MIN_TAU <= self.tau or not math.isfinite(self.tau):
+            raise InputError(f"tau must be a finite number >= {MIN_TAU:g} (below it the crop softmax overflows), "
+                             f"got {self.tau!r}")
         if not 0 <= self.alpha <= 1:
             raise InputError(f"alpha must be in [0, 1], got {self.alpha!r}")
         if self.weights not in ("image", "text"):

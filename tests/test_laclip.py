@@ -9,7 +9,7 @@ import torch
 
 from conftest import make_image
 from engine import InputError, LaclipConfig, Retriever
-from engine.laclip import crop_boxes, laclip_scores_reference, laclip_topk_reference, pooled_vectors
+from engine.laclip import ScoreConfig, crop_boxes, laclip_scores_reference, laclip_topk_reference, pooled_vectors
 from engine.preprocess import content_seed
 
 # One image: g = e1; crops c1 = e1, c2 = e2 (K = 2, D = 2). One text t = (0.6, 0.8).
@@ -139,3 +139,23 @@ def test_settings_split_into_crop_and_score_parts():
 def test_bad_settings_are_named(make, message):
     with pytest.raises(InputError, match=message):
         make()
+
+
+def test_tau_has_a_lower_bound_that_keeps_scores_finite():
+    """tau = 1e-40 gave an HTTP 500 (an overflowing softmax); below MIN_TAU it is an InputError naming the bound,
+    and at the bound both weight modes score finitely."""
+    from engine.laclip import MIN_TAU
+
+    with pytest.raises(InputError, match=f"{MIN_TAU:g}"):
+        ScoreConfig(tau=1e-40)
+    with pytest.raises(InputError, match="tau"):
+        LaclipConfig(tau=MIN_TAU / 2)
+    gen = torch.Generator().manual_seed(0)
+    t, g = torch.nn.functional.normalize(torch.randn(3, 8, generator=gen), dim=-1), \
+        torch.nn.functional.normalize(torch.randn(20, 8, generator=gen), dim=-1)
+    c = torch.nn.functional.normalize(torch.randn(20, 4, 8, generator=gen), dim=-1)
+    for weights in ("image", "text"):
+        config = ScoreConfig(tau=MIN_TAU, alpha=0.0, weights=weights)
+        scores = laclip_scores_reference(t, g, c, alpha=config.alpha, tau=config.tau, weights=weights)
+        assert torch.isfinite(scores).all()
+        assert torch.isfinite(pooled_vectors(g, c, alpha=0.0, tau=config.tau)).all()

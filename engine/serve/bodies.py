@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal, Optional, TypeVar, Union
 from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError,
                       WithJsonSchema)
 
+from ..laclip import MIN_TAU
 from .errors import HttpError, safe_text
 
 MAX_JSON_DEPTH = 32
@@ -162,7 +163,7 @@ class ScoreSettings(_Body):
     """Query-time LACLIP settings for this request; omitted fields keep the server's. `{"alpha": 1}` is plain
     CLIP (global term only)."""
 
-    tau: Optional[Annotated[Union[StrictFloat, StrictInt], Field(gt=0)]] = None
+    tau: Optional[Annotated[Union[StrictFloat, StrictInt], Field(ge=MIN_TAU)]] = None  # the schema states the bound
     alpha: Optional[Annotated[Union[StrictFloat, StrictInt], Field(ge=0, le=1)]] = None
     weights: Optional[Literal["image", "text"]] = None
 
