@@ -16,9 +16,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "LACLIP fused scoring kernels (CPU" + std::string(kWithCuda ? " + CUDA" : "") +
             "), registered as torch.ops.cnclip.*; use engine.ops.";
   m.def("built_with_cuda", []() { return kWithCuda; }, "Whether the CUDA kernels were compiled in.");
-  m.def("cpu_isa", &laclip::cpu_isa, "The CPU code path in use: 'avx512_bf16', 'avx512' or 'generic'.");
+  m.def("cpu_isa", &laclip::cpu_isa,
+        "The CPU code path in use: 'amx_bf16', 'avx512_bf16', 'avx512', 'avx2' or 'generic'.");
   m.def("int8_isa", &laclip::int8_isa,
-        "The int8 GEMM's code path: 'avx512_vnni', or 'generic' (no VNNI, or set_max_isa below avx512).");
+        "The int8 GEMM's code path: 'avx512_vnni', 'avx2' or 'generic' (capped by set_max_isa).");
   m.def("cpu_isas", &laclip::cpu_isas, "The CPU code paths this CPU can run, slowest first.");
   m.def("set_max_isa", &laclip::set_max_isa, py::arg("name"),
         "Cap the CPU code path at `name`, or '' to restore run-time selection.");

@@ -113,7 +113,15 @@ class Retriever:
 
         `random_weights=True` builds seeded random weights for any model (benchmarks and trials only)."""
         loaded = load_model(checkpoint, model, random_weights)
-        encoder = TorchEncoder(loaded.model, loaded.spec.input_resolution, device=device, precision=precision)
+        if precision == "auto":  # each tower's fastest precision on this CPU at the parity gate
+            if torch.device(device).type != "cpu":
+                raise InputError(f"precision 'auto' times CPU precisions; on {device!r} choose fp16, bf16 or "
+                                 "bf16-compiled")
+            from .backends.auto_precision import torch_auto_encoder
+
+            encoder, _ = torch_auto_encoder(loaded.model, loaded.spec.input_resolution)
+        else:
+            encoder = TorchEncoder(loaded.model, loaded.spec.input_resolution, device=device, precision=precision)
         path = str(Path(checkpoint).resolve()) if checkpoint is not None else None
         return cls(encoder, ModelIdentity(model, loaded.checkpoint_hash, path), laclip=laclip, **options)
 

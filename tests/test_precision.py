@@ -272,3 +272,17 @@ def test_bad_precision_names_are_refused(auto_export, tiny_checkpoint, tmp_path)
     with pytest.raises(InputError, match="holds precision 'fp32' only, not 'int8'"):
         open_encoder(fp32_only, precision="int8")
     assert np.isfinite(open_encoder(fp32_only, precision="fp32")[0].encode_texts(Tokenizer(52)(["猫"]).ids)).all()
+
+
+def test_a_checkpoint_served_with_precision_auto_runs_each_towers_choice():
+    """Retriever.from_checkpoint(..., precision="auto") (engine.serve / engine index --precision auto) times the
+    torch precisions this CPU runs and serves each tower's choice; on a GPU it is refused with what to pick."""
+    from engine import InputError, Retriever
+
+    auto = Retriever.from_checkpoint(None, "tiny", random_weights=True, precision="auto", progress=False)
+    plain = Retriever.from_checkpoint(None, "tiny", random_weights=True, progress=False)
+    texts = ["一只猫", "敦煌壁画中的飞天"]
+    assert (auto.encode_texts(texts) * plain.encode_texts(texts)).sum(1).min() > 0.99
+    assert isinstance(auto.encoder.precision, str) and auto.encoder.precision
+    with pytest.raises(InputError, match="auto"):
+        Retriever.from_checkpoint(None, "tiny", random_weights=True, precision="auto", device="cuda")

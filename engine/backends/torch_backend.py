@@ -25,6 +25,8 @@ from .base import l2_normalize, trim_padding
 
 Precision = Literal["fp32", "fp16", "bf16", "bf16-compiled", "int8-text"]
 PRECISIONS = ("fp32", "fp16", "bf16", "bf16-compiled", "int8-text")
+# what the CLIs accept: "auto" times this CPU's precisions per tower (engine.backends.auto_precision)
+PRECISION_CHOICES = (*PRECISIONS, "auto")
 _AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..backends.export_reader import BACKENDS
-from ..backends.torch_backend import PRECISIONS
+from ..backends.torch_backend import PRECISION_CHOICES
 from ..batcher import BatcherConfig
 from ..cli_common import add_laclip_arguments, laclip_from_args
 from ..errors import EngineError
@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default=serve.device)
-    p.add_argument("--precision", default=serve.precision, choices=PRECISIONS,
+    p.add_argument("--precision", default=serve.precision, choices=PRECISION_CHOICES,
                    help="PyTorch towers (not --export): bf16 autocast, or bf16-compiled (bf16 weights, vision tower "
                         "compiled per batch bucket on first use; fastest on CPUs with AMX or AVX512-BF16); fp16 "
                         "needs --device cuda")
