@@ -67,7 +67,15 @@ def _index_parser(index: argparse.ArgumentParser) -> None:
                           "cluster; ray://HOST:10001 or HOST:6379 joins that cluster")
     ray.add_argument("--workers", type=int, default=1, help="encode workers (one model each)")
     ray.add_argument("--gpus-per-worker", type=float, help="default: 1 when the cluster has GPUs, else 0")
-    ray.add_argument("--cpus-per-worker", type=float, default=1.0)
+    ray.add_argument("--cpus-per-worker", type=float,
+                     help="CPUs Ray reserves per encode worker; default: 1, or an equal share of the cluster's "
+                          "CPUs less one task's when the workers would not leave room for the prepare tasks "
+                          "(a value that leaves no room is refused)")
+    ray.add_argument("--cpus-per-task", type=float,
+                     help="CPUs Ray reserves per prepare/write task; default: 1 (half the CPUs on a 1-CPU cluster)")
+    ray.add_argument("--stall-timeout-s", type=float, default=600.0, metavar="SECONDS",
+                     help="stop with an error naming the stage (prepare, encode, write) when no batch finishes "
+                          "for this long (default 600; 0: never)")
     add_laclip_arguments(index)
 
 
@@ -79,7 +87,9 @@ def run_index(args: argparse.Namespace) -> int:
         raise EngineError("nothing to index: give --images, --texts and/or --features")
     if args.ray is not None and not args.images:
         raise EngineError("--ray distributes image encoding: give --images")
-    ray = None if args.ray is None else RayOptions(args.ray, args.workers, args.gpus_per_worker, args.cpus_per_worker)
+    ray = None if args.ray is None else RayOptions(
+        args.ray, args.workers, gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
+        cpus_per_task=args.cpus_per_task, stall_timeout_s=args.stall_timeout_s)
     features = [FeatureFile(path, args.feature_ids, args.feature_kind) for path in args.features or []]
     job = IndexJob(images=args.images or [], out=args.out, model=args.model, checkpoint=args.checkpoint,
                    random_weights=args.random_weights, laclip=laclip_from_args(args), texts=args.texts,

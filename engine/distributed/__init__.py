@@ -4,5 +4,6 @@
 """
 from .job import IndexJob, IndexReport, index_collection
 from .runners import RayOptions
+from .watchdog import IndexingStalled
 
-__all__ = ["IndexJob", "IndexReport", "RayOptions", "index_collection"]
+__all__ = ["IndexJob", "IndexReport", "IndexingStalled", "RayOptions", "index_collection"]

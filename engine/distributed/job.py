@@ -18,7 +18,7 @@ from ..records import DatasetError, Problem
 from ..retriever import Retriever
 from ..sources import Collection, SourceKind, list_collection
 from .progress import Progress
-from .runners import RayOptions, StageResult, require_ray, run_local, run_ray
+from .runners import RayOptions, StageResult, check_local_fit, require_ray, run_local, run_ray
 from .stages import EncoderSpec
 
 
@@ -53,6 +53,8 @@ class IndexJob:
                 raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.ray is not None and self.ray.workers < 1:
             raise InputError(f"workers must be >= 1, got {self.ray.workers}")
+        if self.ray is not None and self.ray.stall_timeout_s is not None and self.ray.stall_timeout_s < 0:
+            raise InputError(f"stall_timeout_s must be >= 0 (0: never), got {self.ray.stall_timeout_s}")
         if isinstance(self.images, (str, Path)):
             object.__setattr__(self, "images", [str(self.images)])
 
@@ -93,7 +95,7 @@ def index_collection(job: IndexJob, *, on_progress: Callable[[int], None] | None
     DatasetError listing every one found unless `skip_bad`; the failing run publishes nothing more.
     `on_progress(images_done)` is called as images finish."""
     if job.ray is not None:
-        require_ray()
+        check_local_fit(require_ray(), job.ray)
     collection = list_collection(job.images, job.source_kind) if job.images else Collection([], [])
     report = IndexReport(problems=list(collection.problems))
     if report.problems and not job.skip_bad:

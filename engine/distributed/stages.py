@@ -25,6 +25,7 @@ from ..models import get_spec
 from ..preprocess import DEFAULT_MAX_PIXELS, load_image
 from ..retriever import ModelIdentity, Retriever
 from ..sources import ImageRef
+from .watchdog import beating
 
 Batch = dict[str, np.ndarray]
 
@@ -102,10 +103,15 @@ class PrepareStage:
     """Read and decode each image, make its [1 + K, 3, R, R] views with the engine's own preprocessing, as uint8
     before normalisation: a quarter of the bytes float32 pixels would take through Ray's object store."""
 
-    def __init__(self, spec: EncoderSpec) -> None:
+    def __init__(self, spec: EncoderSpec, beats: Any = None) -> None:
         self.spec = spec
+        self.beats = beats  # a Heartbeats actor on Ray (engine.distributed.watchdog), else None
 
     def __call__(self, batch: Batch) -> Batch:
+        with beating(self.beats, "prepare", batch):
+            return self._prepare(batch)
+
+    def _prepare(self, batch: Batch) -> Batch:
         preparer = _preparer(self.spec)
         n = len(batch["id"])
         resolution = preparer.transform.resolution
@@ -129,7 +135,9 @@ class EncodeStage:
     """One model per worker: the views of each good row normalised and through the image tower, grouped back
     per image."""
 
-    def __init__(self, spec: EncoderSpec, device: str | None = None, threads: int | None = None) -> None:
+    def __init__(self, spec: EncoderSpec, device: str | None = None, threads: int | None = None,
+                 beats: Any = None) -> None:
+        self.beats = beats
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if threads is not None:
@@ -138,6 +146,10 @@ class EncodeStage:
         self.retriever = spec.retriever(device)
 
     def __call__(self, batch: Batch) -> Batch:
+        with beating(self.beats, "encode", batch):
+            return self._encode(batch)
+
+    def _encode(self, batch: Batch) -> Batch:
         pixels = batch.pop("pixels")
         n, views = pixels.shape[:2]
         dim = self.retriever.encoder.embed_dim
@@ -158,10 +170,15 @@ class EncodeStage:
 class WriteStage:
     """Write the good rows of a batch as one unpublished segment; report the segment and the batch's problems."""
 
-    def __init__(self, directory: str | Path) -> None:
+    def __init__(self, directory: str | Path, beats: Any = None) -> None:
         self.directory = str(directory)
+        self.beats = beats
 
     def __call__(self, batch: Batch) -> Batch:
+        with beating(self.beats, "write", batch):
+            return self._write(batch)
+
+    def _write(self, batch: Batch) -> Batch:
         from ..index import ImageRows, write_segment
 
         good = np.flatnonzero(batch["problem"] == "")
