@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Sequence
 
-from .backends.torch_backend import PRECISIONS
+from .backends.torch_backend import PRECISION_CHOICES
 from .cli_common import add_laclip_arguments, laclip_from_args, report_error
 from .errors import EngineError
 from .models import available_models
@@ -52,7 +52,7 @@ def _index_parser(index: argparse.ArgumentParser) -> None:
     what.add_argument("--feature-kind", choices=["image", "text"], help="what a .npy features file holds")
     run = index.add_argument_group("running")
     run.add_argument("--device", default="cpu", help="device of the single-process run")
-    run.add_argument("--precision", default="fp32", choices=PRECISIONS,
+    run.add_argument("--precision", default="fp32", choices=PRECISION_CHOICES,
                      help="PyTorch tower precision (bf16-compiled: fastest on CPUs with AMX or AVX512-BF16)")
     run.add_argument("--batch-size", type=int, default=32, help="images per encode batch")
     run.add_argument("--segment-rows", type=int, default=1024, help="images per written segment")
