@@ -66,9 +66,9 @@ def sweep(root: Path, segments: set[str], delete_files: set[str], pending: set[s
     referenced = {f"{name}{SEGMENT_SUFFIX}" for name in segments}
     now = time.time()
     for path in (root / SEGMENTS).iterdir():
-        stale = now - path.stat().st_mtime > STALE_SECONDS
-        if path.name.startswith(".") or not path.is_file():
+        if path.name.startswith(".") or not path.is_file():  # temporaries: sweep_temporaries
             continue
+        stale = now - path.stat().st_mtime > STALE_SECONDS
         if path.name not in referenced and f"{SEGMENTS}/{path.name}" not in pending and stale:
             path.unlink(missing_ok=True)
     for path in (root / DELETES).iterdir():

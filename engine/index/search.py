@@ -80,8 +80,7 @@ class Placement:
         if resident is not None:
             return resident[rows if isinstance(rows, slice) else torch.from_numpy(rows).to(self.device)]
         if self.on_device:  # streamed rows are pooled where they land, never the whole column on the host
-            g, c = self.rows(part, "vectors", rows), self.rows(part, "crops", rows)
-            return pooled_vectors(g.float(), c.float(), alpha=score.alpha, tau=score.tau).to(g.dtype)
+            return _pool_rows(self.rows(part, "vectors", rows), self.rows(part, "crops", rows), score)
         if isinstance(rows, slice):
             return self.tensor(part.pooled(score, scoring.pool)[rows])
         return self.tensor(scoring.pool(part.vectors[rows], part.crops[rows], score).astype(part.vectors.dtype))
@@ -100,9 +99,7 @@ class Placement:
         step = 1 << 16
         out = torch.empty_like(g)
         for start in range(0, len(g), step):
-            stop = start + step
-            out[start:stop] = pooled_vectors(g[start:stop].float(), c[start:stop].float(), alpha=score.alpha,
-                                             tau=score.tau).to(g.dtype)
+            out[start:start + step] = _pool_rows(g[start:start + step], c[start:start + step], score)
         self.resident.put(part, key, out, derived=True)
         return out
 
@@ -116,6 +113,11 @@ class Placement:
         """Drop resident copies of parts no longer in any live snapshot."""
         if self.resident is not None:
             self.resident.forget(list(parts))
+
+
+def _pool_rows(g: torch.Tensor, c: torch.Tensor, score: ScoreConfig) -> torch.Tensor:
+    """Pooled vectors of rows already on their device, computed in fp32 and stored in the rows' dtype."""
+    return pooled_vectors(g.float(), c.float(), alpha=score.alpha, tau=score.tau).to(g.dtype)
 
 
 @dataclass(frozen=True)
@@ -150,15 +152,15 @@ class ImageScorer:
     def fused_topk(self, part: Part, k: int, place: Placement) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(values, rows) [Q, k] of the whole part by the kernel's own top-k, or None where blocks are scored
         instead. On a GPU: every mode, once the rows are resident. On the host: query-aware weights, straight
-        from the memory map (measured on a 2-core EPYC: 1.1-2.6x faster than scores plus a top-k per block);
-        plain and pooled rows stay one GEMM per block there."""
+        from the memory map (faster than scores plus a top-k per block: bench_laclip_kernel times both); plain
+        and pooled rows stay one GEMM per block there."""
         if not place.on_device:
             if (scoring.is_plain(self.score) or self.score.weights == "image" or part.crops is None
                     or not ops.extension_available()):
                 return None
             g, c = host_tensor(part.vectors), host_tensor(part.crops)
-            return ops.laclip_topk(torch.from_numpy(self.t).to(g.dtype), g, c, k=k, alpha=self.score.alpha,
-                                   tau=self.score.tau, weights="text")
+            return ops.laclip_topk(self.t_dev.to(g.dtype), g, c, k=k, alpha=self.score.alpha, tau=self.score.tau,
+                                   weights="text")
         if not ops.cuda_available():
             return None
         g = place.column(part, "vectors")
