@@ -22,10 +22,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import ImageDecodeError
 from .index.thumbnails import JPEG_QUALITY, THUMBNAIL_SIZE, make_thumbnail
 from .laclip import CropConfig, crop_boxes
-from .preprocess import CLIP_MEAN, CLIP_STD, DEFAULT_MAX_PIXELS, ImageInput, describe, load_image
+from .preprocess import DEFAULT_MAX_PIXELS, ImageInput, ImageTransform, load_image
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
 
@@ -53,8 +52,7 @@ class DeviceViewMaker:
         self.crops = crops
         self.device = torch.device(device)
         self.max_pixels = max_pixels
-        self._mean = torch.tensor(CLIP_MEAN, device=self.device).view(3, 1, 1)
-        self._std = torch.tensor(CLIP_STD, device=self.device).view(3, 1, 1)
+        self._transform = ImageTransform(resolution)  # its normalisation, the reference path's
 
     @property
     def views_per_image(self) -> int:
@@ -70,7 +68,7 @@ class DeviceViewMaker:
         from torchvision.io import ImageReadMode, decode_jpeg
 
         blobs = [self._bytes(image) for image in images]
-        jpeg = [i for i, blob in enumerate(blobs) if blob is not None and self._decodable_jpeg(blob, images[i])]
+        jpeg = [i for i, blob in enumerate(blobs) if blob is not None and self._decodable_jpeg(blob)]
         out: list[tuple[torch.Tensor, int] | None] = [None] * len(images)
         if jpeg:
             data = [torch.frombuffer(bytearray(blobs[i]), dtype=torch.uint8) for i in jpeg]
@@ -103,7 +101,7 @@ class DeviceViewMaker:
                             for left, top, right, bottom in crop_boxes(width, height, self.crops, seed)]
             for v, region in enumerate(regions):
                 out[i, v] = self._resize(region)[0]
-        return out.round_().clamp_(0, 255).div_(255).sub_(self._mean).div_(self._std)
+        return self._transform.normalise(out.round_().clamp_(0, 255))
 
     def thumbnails(self, images: Sequence[torch.Tensor]) -> list[bytes]:
         """The index's ~256 px JPEG thumbnails (aspect kept, never enlarged), downscaled on the device and encoded
@@ -137,7 +135,7 @@ class DeviceViewMaker:
         except RuntimeError:
             return None
 
-    def _decodable_jpeg(self, blob: bytes, image: ImageInput) -> bool:
+    def _decodable_jpeg(self, blob: bytes) -> bool:
         """A JPEG whose header PIL reads (no pixels decoded) as RGB or grey within the pixel limit; the rest go to
         the PIL path, which names the problem."""
         if not blob.startswith(_JPEG_MAGIC):
@@ -153,9 +151,6 @@ class DeviceViewMaker:
     def _bytes(image: ImageInput) -> bytes | None:
         if isinstance(image, (bytes, bytearray, memoryview)):
             return bytes(image)
-        if isinstance(image, (str, Path)):
-            path = Path(image)
-            if not path.is_file():
-                raise ImageDecodeError(f"{describe(image)}: no such file")
-            return path.read_bytes()
-        return None
+        if isinstance(image, (str, Path)) and Path(image).is_file():
+            return Path(image).read_bytes()
+        return None  # PIL images, and paths that are no file (load_image names the problem)

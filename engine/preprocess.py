@@ -114,8 +114,10 @@ class ImageTransform:
         return torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
-        """[..., 3, R, R] uint8 -> float32 CLIP-normalised pixels."""
-        return pixels.to(torch.float32).div(255).sub_(self._mean).div_(self._std)
+        """[..., 3, R, R] uint8 levels (uint8, or floats holding them) -> float32 CLIP-normalised pixels, on the
+        pixels' device."""
+        mean, std = self._mean.to(pixels.device), self._std.to(pixels.device)
+        return pixels.to(torch.float32).div(255).sub_(mean).div_(std)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         """[3, R, R] float32 pixels for a decoded image."""
