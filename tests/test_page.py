@@ -10,7 +10,6 @@ import base64
 import json
 import os
 import shutil
-import signal
 from pathlib import Path
 
 import httpx
@@ -86,11 +85,8 @@ def server(tmp_path_factory, tiny_checkpoint, gallery):
                          "--texts", str(texts), "--index", str(work / "index"), "--api-key", API_KEY,
                          "--max-delay-ms", "5"], work / "server.log",
                         env={"OMP_NUM_THREADS": "1", "CNCLIP_API_KEY": None}, cwd=REPO)
-    try:
-        srv.wait_ready()
+    with srv.serving():
         yield srv
-    finally:
-        srv.stop(signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")

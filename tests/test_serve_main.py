@@ -56,11 +56,8 @@ def server(tmp_path_factory, tiny_checkpoint, image_dir, texts_file):
                   "--max-body-mb", str(MAX_BODY_MB), "--max-pixels", str(MAX_PIXELS),
                   "--max-batch-size", "16", "--max-delay-ms", "20"], index_dir.parent / "server.log")
     srv.index_dir = index_dir
-    try:
-        srv.wait_ready()
+    with srv.serving():
         yield srv
-    finally:
-        srv.stop(signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 writes 403 without touching the index, and shows the writer's commits within 2 s (issue 23, items 1 and 3)."""
 from __future__ import annotations
 
-import signal
 import time
 from pathlib import Path
 
@@ -25,8 +24,7 @@ def test_a_read_only_replica_refuses_writes_and_follows_the_writer(tiny_checkpoi
     writer.save(tmp_path / "idx")
     srv = ServerProcess(["--model", "tiny", "--checkpoint", str(tiny_checkpoint), "--index", str(tmp_path / "idx"),
                          "--read-only"], tmp_path / "replica.log", env={"OMP_NUM_THREADS": "1"}, cwd=REPO)
-    try:
-        srv.wait_ready()
+    with srv.serving():
         with httpx.Client(base_url=srv.url, timeout=60) as client:
             refused = client.post("/v1/index/texts", json={"texts": ["不会写入"], "ids": ["no"]})
             assert refused.status_code == 403 and refused.json()["error"] == "ReadOnlyIndexError"
@@ -48,7 +46,5 @@ def test_a_read_only_replica_refuses_writes_and_follows_the_writer(tiny_checkpoi
                                                                                       "PNG"), "image/png")},
                                 data={"k": "3"}).json()["hits"]
             assert sorted(hit["id"] for hit in found) == ["t1", "t2", "t3"]  # the writer's new text is searchable
-    finally:
-        srv.stop(signal.SIGKILL)
     reopened = Retriever.load(tmp_path / "idx", checkpoint=tiny_checkpoint)
     assert reopened.index.has_text("t3") and not reopened.index.has_image("i2") and not reopened.index.has_text("no")

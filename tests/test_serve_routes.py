@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import signal
 import sys
 from pathlib import Path
 
@@ -52,11 +51,8 @@ def server(gallery, tiny_checkpoint, tmp_path_factory):
                          "--max-pixels", str(MAX_PIXELS), "--max-body-mb", "4"], log,
                         env={"OMP_NUM_THREADS": "1", "CNCLIP_API_KEY": None}, cwd=REPO)
     srv.index_dir = gallery / ".cnclip-index"
-    try:
-        srv.wait_ready()
+    with srv.serving():
         yield srv
-    finally:
-        srv.stop(signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,9 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 
@@ -55,6 +57,15 @@ class ServerProcess:
                 pass
             time.sleep(poll_s)
         raise RuntimeError(f"server not ready after {timeout} s:\n{self._tail()}")
+
+    @contextmanager
+    def serving(self, stop_signal: int = signal.SIGKILL) -> Iterator["ServerProcess"]:
+        """This server once ready (`wait_ready`); stopped with `stop_signal` when the block ends, however it ends."""
+        try:
+            self.wait_ready()
+            yield self
+        finally:
+            self.stop(stop_signal)
 
     def alive(self) -> bool:
         """Whether the process runs and /healthz answers 200."""
