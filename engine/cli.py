@@ -56,6 +56,11 @@ def _index_parser(index: argparse.ArgumentParser) -> None:
                      help="PyTorch tower precision (bf16-compiled: fastest on CPUs with AMX or AVX512-BF16)")
     run.add_argument("--batch-size", type=int, default=32, help="images per encode batch")
     run.add_argument("--segment-rows", type=int, default=1024, help="images per written segment")
+    run.add_argument("--publish-every", type=int, default=1000, metavar="N",
+                     help="commit every N encoded images or every --publish-seconds, whichever comes first, so a "
+                          "killed run keeps what it published and a rerun skips it (default 1000)")
+    run.add_argument("--publish-seconds", type=float, default=60.0, metavar="SECONDS",
+                     help="commit at least this often while images are waiting (default 60)")
     run.add_argument("--skip-bad", action="store_true",
                      help="skip bad images (each reported with its file, tar member or tsv line) instead of failing")
     run.add_argument("--progress-every", type=int, default=1000,
@@ -94,7 +99,8 @@ def run_index(args: argparse.Namespace) -> int:
     job = IndexJob(images=args.images or [], out=args.out, model=args.model, checkpoint=args.checkpoint,
                    random_weights=args.random_weights, laclip=laclip_from_args(args), texts=args.texts,
                    features=features, source_kind=args.source_kind, device=args.device, precision=args.precision,
-                   batch_size=args.batch_size, segment_rows=args.segment_rows, skip_bad=args.skip_bad, ray=ray,
+                   batch_size=args.batch_size, segment_rows=args.segment_rows, publish_every=args.publish_every,
+                   commit_seconds=args.publish_seconds, skip_bad=args.skip_bad, ray=ray,
                    progress=not args.quiet, progress_every=args.progress_every)
     report = index_collection(job)
     for problem in report.problems:

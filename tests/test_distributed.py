@@ -351,3 +351,65 @@ def test_the_cli_passes_the_stall_timeout_and_reports_a_stall(monkeypatch: pytes
     options = seen["options"]
     assert (options.workers, options.stall_timeout_s, options.cpus_per_worker, options.cpus_per_task) == (2, 7.0,
                                                                                                           None, None)
+
+
+# ---- resumable bulk indexing: publish every N images ----------------------------------------------------------
+
+def test_publishes_every_n_images_and_a_settings_check(collection: list[str], tiny_checkpoint: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    sizes: list[int] = []  # images in the index after each publish
+    real = Index.publish
+
+    def counting(self: Index, refs: list) -> None:
+        real(self, refs)
+        sizes.append(len(self.image_ids))
+
+    monkeypatch.setattr(Index, "publish", counting)
+    report = index_collection(job(collection, tmp_path / "index", tiny_checkpoint, publish_every=2, segment_rows=64,
+                                  batch_size=1, commit_seconds=3600.0))
+    assert report.images_added == len(GOOD)
+    # segments are cut at publish_every rows (not segment_rows=64); a publish waits for 2 good rows (a segment
+    # whose batch held a bad image has 1, so a publish holds 2 or 3), except the last one
+    steps = np.diff([0] + sizes)
+    assert sizes[-1] == len(GOOD) and len(sizes) >= len(GOOD) // 3
+    assert all(2 <= step <= 3 for step in steps[:-1]) and 1 <= steps[-1] <= 3, sizes
+    with pytest.raises(EngineError, match="publish_every must be >= 1"):
+        IndexJob(["x"], "out", publish_every=0)
+    with pytest.raises(EngineError, match="commit_seconds must be > 0"):
+        IndexJob(["x"], "out", commit_seconds=0)
+
+
+def test_a_killed_cli_run_keeps_what_it_published_and_the_rerun_skips_it(tiny_checkpoint: Path,
+                                                                         tmp_path: Path) -> None:
+    import subprocess
+
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(60):
+        make_image(40 + i % 7, 30 + i % 5, seed=100 + i).save(folder / f"{i:02d}.png")
+    out = tmp_path / "index"
+    command = [sys.executable, "-m", "engine", "index", "--model", "tiny", "--checkpoint", str(tiny_checkpoint),
+               "--images", str(folder), "--out", str(out), "--batch-size", "2", "--publish-every", "4", "--quiet"]
+    run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and run.poll() is None:
+            if (out / "index.json").exists():
+                try:
+                    if len(Index.open(out).image_ids) >= 8:
+                        break
+                except EngineError:
+                    pass
+            time.sleep(0.05)
+        assert run.poll() is None, f"the run ended before it could be killed: {run.stderr.read().decode()[-500:]}"
+        run.send_signal(signal.SIGKILL)
+    finally:
+        run.wait()
+    kept = sorted(map(str, Index.open(out).image_ids))
+    assert 8 <= len(kept) < 60 and len(kept) % 4 == 0, len(kept)  # whole published batches, nothing half-written
+    result = cli_main(command[3:])
+    assert result == 0
+    final = Index.open(out)
+    assert sorted(map(str, final.image_ids)) == [f"{i:02d}" for i in range(60)]
+    assert set(kept) <= set(map(str, final.image_ids))
+    assert not list(out.rglob(".tmp-*"))

@@ -1,6 +1,7 @@
 """`index_collection`: encode an image collection (and a texts jsonl) into an index directory, in this
 process or on Ray. The driver lists the sources, skips images the index already holds (so a rerun resumes),
-runs the stages, and alone publishes the written segments: every `commit_seconds` and at the end."""
+runs the stages, and alone publishes the written segments: every `publish_every` images or `commit_seconds`,
+whichever comes first, and at the end, so a killed run keeps every published batch and its rerun skips them."""
 from __future__ import annotations
 
 import time
@@ -41,6 +42,7 @@ class IndexJob:
     batch_size: int = 32
     segment_rows: int = 1024
     skip_bad: bool = False
+    publish_every: int = 1000
     commit_seconds: float = 60.0
     max_pixels: int = DEFAULT_MAX_PIXELS
     ray: RayOptions | None = None
@@ -48,15 +50,22 @@ class IndexJob:
     progress_every: int = 1000
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "segment_rows", "progress_every"):
+        for name in ("batch_size", "segment_rows", "publish_every", "progress_every"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.commit_seconds > 0:
+            raise InputError(f"commit_seconds must be > 0, got {self.commit_seconds}")
         if self.ray is not None and self.ray.workers < 1:
             raise InputError(f"workers must be >= 1, got {self.ray.workers}")
         if self.ray is not None and self.ray.stall_timeout_s is not None and self.ray.stall_timeout_s < 0:
             raise InputError(f"stall_timeout_s must be >= 0 (0: never), got {self.ray.stall_timeout_s}")
         if isinstance(self.images, (str, Path)):
             object.__setattr__(self, "images", [str(self.images)])
+
+    @property
+    def rows_per_segment(self) -> int:
+        """Rows per written segment: never more than one publish's worth, so a publish is never held back."""
+        return min(self.segment_rows, self.publish_every)
 
     @property
     def spec(self) -> EncoderSpec:
@@ -120,9 +129,9 @@ def _index_images(job: IndexJob, index: Index, collection: Collection, report: I
     todo = [ref for ref in collection.images if not index.has_image(ref.id)]
     report.images_already_indexed = len(collection.images) - len(todo)
     progress = Progress(len(todo), enabled=job.progress, every=job.progress_every)
-    results = (run_local(job.spec, todo, job.out, device=job.device, segment_rows=job.segment_rows)
+    results = (run_local(job.spec, todo, job.out, device=job.device, segment_rows=job.rows_per_segment)
                if job.ray is None else
-               run_ray(job.spec, todo, job.out, options=job.ray, segment_rows=job.segment_rows))
+               run_ray(job.spec, todo, job.out, options=job.ray, segment_rows=job.rows_per_segment))
     pending: list = []
     last_commit = time.monotonic()
     outcome = "stopped after publishing"
@@ -132,7 +141,7 @@ def _index_images(job: IndexJob, index: Index, collection: Collection, report: I
             if on_progress is not None:
                 on_progress(progress.done)
             _take(result, report, pending, job.skip_bad)
-            if pending and time.monotonic() - last_commit >= job.commit_seconds:
+            if _due(pending, job, time.monotonic() - last_commit):
                 _publish(index, pending, report)
                 last_commit = time.monotonic()
         _publish(index, pending, report)
@@ -175,6 +184,12 @@ def _take(result: StageResult, report: IndexReport, pending: list, skip_bad: boo
         raise DatasetError(report.problems)
     if result.segment is not None:
         pending.append((result.segment, result.rows))
+
+
+def _due(pending: list, job: IndexJob, seconds_since_publish: float) -> bool:
+    """Publish when `publish_every` images wait, or anything has waited `commit_seconds`."""
+    return bool(pending) and (sum(rows for _, rows in pending) >= job.publish_every
+                              or seconds_since_publish >= job.commit_seconds)
 
 
 def _publish(index: Index, pending: list, report: IndexReport) -> None:
