@@ -227,10 +227,10 @@ class Found:
 
 
 def search(snapshot: Snapshot, scorer: Scorer, k: int, *, exact: bool, ann: AnnConfig,
-           place: Placement) -> list[Found]:
+           place: Placement, fallback_exact: bool = True) -> list[Found]:
     """Top-k live rows per query. ANN is used for segments that have a structure, unless `exact` or the index
     holds fewer than `ann.exact_below` live rows; a query whose ANN candidates hold fewer than k live rows is
-    answered exactly."""
+    answered exactly (unless not `fallback_exact`: a shard leaves that choice to the merge of all shards)."""
     queries = len(scorer.candidates)
     scorer = scorer.bind(place)
     use_ann = not exact and ann.kind != "none" and snapshot.live(scorer.kind) >= ann.exact_below
@@ -260,7 +260,7 @@ def search(snapshot: Snapshot, scorer: Scorer, k: int, *, exact: bool, ann: AnnC
             start += width
     found = [_merge(p, k) for p in pieces]
     short = np.array([i for i, f in enumerate(found) if len(f.rows) < k], dtype=np.int64)
-    if use_ann and len(short):
+    if use_ann and fallback_exact and len(short):
         for i, again in zip(short, search(snapshot, scorer.select(short), k, exact=True, ann=ann, place=place)):
             found[int(i)] = again
     return found
