@@ -14,7 +14,7 @@ from ..ids import Id, check_id, id_key
 from ..laclip import ScoreConfig
 from .directory import Directory
 from .manifest import IndexManifest
-from .search import Found, ImageScorer, Placement, TextScorer, search
+from .search import Found, ImageScorer, Placement, Scorer, TextScorer, search
 from .snapshot import Snapshot
 
 
@@ -133,7 +133,7 @@ class IndexReads:
         """Top-k images per text query t [Q, D]; score None (or alpha = 1) is plain CLIP."""
         snap = snapshot or self._snapshot
         scorer = ImageScorer(np.ascontiguousarray(t, np.float32), self._effective(score))
-        return search(snap, scorer, k, exact=exact, ann=snap.manifest.ann, place=self.place)
+        return self.scan(snap, scorer, k, exact)
 
     def search_texts(self, g: np.ndarray, c: np.ndarray | None, k: int, *, score: ScoreConfig | None,
                      exact: bool = False, snapshot: Snapshot | None = None) -> list[Found]:
@@ -146,6 +146,10 @@ class IndexReads:
                              f"got {got}")
         scorer = TextScorer(np.ascontiguousarray(g, np.float32),
                             np.ascontiguousarray(c, np.float32) if score is not None else None, score)
+        return self.scan(snap, scorer, k, exact)
+
+    def scan(self, snap: Snapshot, scorer: Scorer, k: int, exact: bool) -> list[Found]:
+        """Where the scoring runs: here, over the mapped segments (engine.serve.sharding scatters it to shards)."""
         return search(snap, scorer, k, exact=exact, ann=snap.manifest.ann, place=self.place)
 
     def _effective(self, score: ScoreConfig | None) -> ScoreConfig | None:

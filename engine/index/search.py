@@ -364,6 +364,11 @@ def _merge(pieces: list[tuple[np.ndarray, int, np.ndarray]], k: int) -> Found:
     scores = np.concatenate([p[0] for p in pieces])
     positions = np.concatenate([np.full(len(p[0]), p[1], np.int64) for p in pieces])
     rows = np.concatenate([p[2] for p in pieces]).astype(np.int64)
+    return best_of(scores, positions, rows, k)
+
+
+def best_of(scores: np.ndarray, positions: np.ndarray, rows: np.ndarray, k: int) -> Found:
+    """The k best candidates, in the index's one order: score descending, ties by segment position then row."""
     order = np.lexsort((rows, positions, -scores))[:k]
     return Found(scores[order], positions[order], rows[order])
 
