@@ -33,3 +33,8 @@ class ReadOnlyIndexError(EngineError):
 
 class IndexBusyError(EngineError):
     """The index's writer lock stayed held by another writer past the lock timeout (HTTP 503, retry)."""
+
+
+class ShardUnavailableError(EngineError):
+    """A search could not reach every shard of a Ray Serve deployment (replicas down or restarting, a timeout, or
+    the index changed meanwhile); nothing partial was returned (HTTP 503, retry)."""

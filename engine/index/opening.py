@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -20,21 +20,25 @@ _OPEN_RETRIES = 3
 
 @dataclass(frozen=True)
 class OpenedState:
-    """What an index holds at one commit: its snapshot, each segment's delete files, the files it retired."""
+    """What an index holds at one commit: its snapshot, each segment's delete files, the files it retired, and
+    each segment's position in the commit (they differ from the snapshot's only when `keep` left some out)."""
 
     snapshot: Snapshot
     delete_files: dict[str, dict[str, str]]
     retired: list[str]
+    positions: tuple[int, ...] = ()
 
 
-def open_state(root: Path, reuse: dict[str, Segment] | None = None) -> OpenedState:
+def open_state(root: Path, reuse: dict[str, Segment] | None = None,
+               keep: Callable[[str], bool] | None = None) -> OpenedState:
     """The validated state of the index at `root`, retrying when a concurrent writer retires a file between
     reading the commit and opening what it names. Segments in `reuse` (by name: segments are immutable) are
-    taken as they are instead of being mapped again, so a refresh keeps their device-resident copies."""
+    taken as they are instead of being mapped again, so a refresh keeps their device-resident copies. `keep`
+    (a segment name -> bool): open only those segments (a shard's part of the index)."""
     for attempt in range(_OPEN_RETRIES):
         data = read_commit(root)
         try:
-            return _state(root, data, reuse or {})
+            return _state(root, data, reuse or {}, keep)
         except FileNotFoundError as exc:
             if attempt == _OPEN_RETRIES - 1 or read_commit(root)["generation"] == data["generation"]:
                 raise IndexFormatError(f"index {root}: missing file {exc.filename}") from exc
@@ -45,15 +49,20 @@ def manifest_of(root: Path, data: dict[str, Any]) -> IndexManifest:
     return IndexManifest.from_json(data.get("manifest", {}), str(root / COMMIT))
 
 
-def _state(root: Path, data: dict[str, Any], reuse: dict[str, Segment]) -> OpenedState:
+def _state(root: Path, data: dict[str, Any], reuse: dict[str, Segment],
+           keep: Callable[[str], bool] | None) -> OpenedState:
     where = str(root / COMMIT)
     manifest = manifest_of(root, data)
     if manifest.format_version != FORMAT_VERSION:
         raise IndexFormatError(f"{where}: format {manifest.format_version}, expected {FORMAT_VERSION}")
     segments = []
     delete_files: dict[str, dict[str, str]] = {}
+    positions: list[int] = []
     try:
-        for entry in data["segments"]:
+        for position, entry in enumerate(data["segments"]):
+            if keep is not None and not keep(entry["name"]):
+                continue
+            positions.append(position)
             path = root / SEGMENTS / f"{entry['name']}{SEGMENT_SUFFIX}"
             segment = reuse.get(entry["name"])
             if segment is None:
@@ -76,7 +85,7 @@ def _state(root: Path, data: dict[str, Any], reuse: dict[str, Segment]) -> Opene
                 f"engine encodes queries with {TEXT_PIPELINE!r}: re-encode its texts (delete and add them "
                 "again, or rebuild the index)")
         snapshot = replace(snapshot, manifest=replace(manifest, text_pipeline=TEXT_PIPELINE))
-    return OpenedState(snapshot, delete_files, retired)
+    return OpenedState(snapshot, delete_files, retired, tuple(positions))
 
 
 def check_segment(segment: Segment, manifest: IndexManifest, entry: dict[str, Any], where: str) -> None:

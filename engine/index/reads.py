@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -29,6 +29,7 @@ class IndexReads:
     refresh_interval_s: float | None = 1.0
     _checked_at: float = float("-inf")
     _manifest_override: IndexManifest | None = None
+    scatter: Callable[[Snapshot, Scorer, int, bool], list[Found]] | None = None  # engine.serve.cluster's shards
 
     @property
     def _snapshot(self) -> Snapshot:
@@ -149,7 +150,9 @@ class IndexReads:
         return self.scan(snap, scorer, k, exact)
 
     def scan(self, snap: Snapshot, scorer: Scorer, k: int, exact: bool) -> list[Found]:
-        """Where the scoring runs: here, over the mapped segments (engine.serve.sharding scatters it to shards)."""
+        """Where the scoring runs: here over the mapped segments, or scattered to shards when `scatter` is set."""
+        if self.scatter is not None:
+            return self.scatter(snap, scorer, k, exact)
         return search(snap, scorer, k, exact=exact, ann=snap.manifest.ann, place=self.place)
 
     def _effective(self, score: ScoreConfig | None) -> ScoreConfig | None:

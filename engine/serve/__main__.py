@@ -18,6 +18,7 @@ from ..cli_common import add_laclip_arguments, laclip_from_args
 from ..errors import EngineError
 from ..models import available_models
 from .app import HttpLimits, create_app
+from .cluster import ClusterOptions
 from .core import ServeConfig, ServerCore
 from .guards import AccessPolicy, guarded_h11
 from .metrics import ServerMetrics
@@ -71,6 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protect-metrics", action="store_true", help="with --api-key: /metrics needs the key too")
     p.add_argument("--protect-docs", action="store_true",
                    help="with --api-key: /docs, /redoc and /openapi.json need the key too")
+    r = p.add_argument_group("serving on Ray Serve (pip install --no-build-isolation -e \".[distributed]\")")
+    r.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="score on Ray Serve shards of --index: no value or 'local' starts a local Ray, 'auto' joins "
+                        "this machine's cluster, else a cluster address; this process stays the ingress and writer")
+    r.add_argument("--shards", type=int, default=1, help="with --ray: shards, each mapping a disjoint part of the "
+                                                        "index's segments (default 1)")
+    r.add_argument("--replicas", type=int, default=1, help="with --ray: replicas of every shard (default 1)")
+    r.add_argument("--cpus-per-replica", type=float,
+                   help="with --ray: CPUs each replica reserves (default: an equal share of the cluster's, at most 1)")
     g = p.add_argument_group("batching and limits")
     g.add_argument("--max-batch-size", type=int, default=d.max_batch_size, help="items per tower call")
     g.add_argument("--max-delay-ms", type=float, default=d.max_delay_ms,
@@ -129,18 +139,24 @@ def config_from_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> Se
             p.error(f"{flag} must be > 0, got {value}")
     if (args.protect_metrics or args.protect_docs) and not args.api_key:
         p.error("--protect-metrics and --protect-docs need --api-key")
+    if args.ray is None and (args.shards != 1 or args.replicas != 1 or args.cpus_per_replica is not None):
+        p.error("--shards, --replicas and --cpus-per-replica need --ray")
+    if args.ray is not None and args.in_memory:
+        p.error("--ray serves an index directory: the shards open it (drop --in-memory)")
     index_dir = args.index
     if index_dir is None and not args.in_memory:
         index_dir = args.gallery / INDEX_SUBDIR if args.gallery is not None else default_index_dir(args.model)
     try:
         batch = BatcherConfig(args.max_batch_size, args.max_delay_ms, args.max_queue, args.request_timeout_s)
         laclip = laclip_from_args(args)
+        cluster = None if args.ray is None else ClusterOptions(
+            args.ray, args.shards, args.replicas, args.cpus_per_replica, device=args.device)
     except EngineError as exc:
         p.error(str(exc))
     return ServeConfig(model=args.model, checkpoint=args.checkpoint, random_weights=args.random_weights,
                        export_dir=args.export, backend=args.backend, index_dir=index_dir, gallery=args.gallery,
                        texts=args.texts, laclip=laclip, device=args.device, precision=args.precision, batch=batch,
-                       workers=args.workers, max_pixels=args.max_pixels, read_only=args.read_only)
+                       workers=args.workers, max_pixels=args.max_pixels, read_only=args.read_only, cluster=cluster)
 
 
 def check_export_runtime(args: argparse.Namespace) -> str | None:

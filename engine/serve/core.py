@@ -31,6 +31,7 @@ from ..ids import Id, check_id, check_ids, id_key
 from ..laclip import LaclipConfig
 from ..preprocess import DEFAULT_MAX_PIXELS
 from ..retriever import Hit, ImageEmbeddings, PreparedImages, Retriever
+from .cluster import Cluster, ClusterOptions
 from .errors import IndexWriteError, NotFound, NotReady
 
 log = logging.getLogger("engine.serve")
@@ -56,6 +57,7 @@ class ServeConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     encode_batch_size: int = 32  # gallery indexing at start-up
     read_only: bool = False  # a replica: follows the index's commits, answers writes 403
+    cluster: ClusterOptions | None = None  # score on Ray Serve shards of --index (engine.serve.cluster)
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,7 @@ class ServerCore:
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="index-writer")
         self._write_lock = asyncio.Lock()
         self.batchers: dict[str, Batcher] = {}
+        self.cluster: Cluster | None = None
 
     # ---- life cycle -----------------------------------------------------------------------------------------
 
@@ -141,6 +144,9 @@ class ServerCore:
         retriever.index.read_only = self.config.read_only
         if self.config.gallery is not None:
             index_gallery(retriever, self.config.gallery, self.config.texts)
+        if self.config.cluster is not None:  # the shards open what the gallery committed
+            self.cluster = Cluster(self.config.index_dir, self.config.cluster).start()
+            retriever.index.scatter = self.cluster.scan
         return retriever
 
     async def close(self) -> None:
@@ -152,6 +158,8 @@ class ServerCore:
             pass
         self._pool.shutdown(wait=True)
         self._writer.shutdown(wait=True)
+        if self.cluster is not None:
+            self.cluster.close()
 
     def _batch_callback(self, name: str) -> Callable[[int, float], None] | None:
         if self._on_batch is None:
@@ -190,7 +198,13 @@ class ServerCore:
         return snap.live("images"), snap.live("texts")
 
     async def stats(self) -> dict[str, Any]:
-        return await self._in_pool(self._require_ready().stats)
+        return await self._in_pool(self._stats)
+
+    def _stats(self) -> dict[str, Any]:
+        stats = self._require_ready().stats()
+        if self.cluster is not None:
+            stats["shards"] = self.cluster.shard_rows()
+        return stats
 
     # ---- tower batch functions (run in each batcher's worker thread) ------------------------------------------
 

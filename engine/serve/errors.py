@@ -13,7 +13,7 @@ from pydantic import BaseModel
 
 from ..batcher import BatcherClosed, QueueFull, Timeout
 from ..errors import (EngineError, IdConflictError, ImageDecodeError, IndexBusyError, InputError,
-                      ReadOnlyIndexError)
+                      ReadOnlyIndexError, ShardUnavailableError)
 
 
 class ErrorBody(BaseModel):
@@ -60,7 +60,8 @@ STATUS_TEXT = {
     429: "a tower queue is full; retry after the Retry-After seconds",
     500: "the index could not be written (disk full or failing); nothing was changed",
     503: "not ready yet, more than --max-concurrency requests in flight, a request timed out in a queue, or the "
-         "index's writer lock stayed held by another writer (retry after Retry-After)",
+         "index's writer lock stayed held by another writer, or (--ray) a shard did not answer (retry after "
+         "Retry-After)",
 }
 
 
@@ -91,7 +92,7 @@ def status_of(exc: BaseException) -> tuple[int, dict[str, str] | None]:
         return 409, None
     if isinstance(exc, ReadOnlyIndexError):
         return 403, None
-    if isinstance(exc, IndexBusyError):
+    if isinstance(exc, (IndexBusyError, ShardUnavailableError)):
         return 503, {"Retry-After": "1"}
     if isinstance(exc, InputError):
         return 422, None
