@@ -148,3 +148,34 @@ def test_plans_that_cannot_be_placed_are_refused_naming_the_numbers() -> None:
     assert ClusterOptions(shards=2, replicas=2).cpus(2.0) == 0.5
     with pytest.raises(EngineError, match="shards must be an int >= 1"):
         ClusterOptions(shards=0)
+
+
+def test_the_http_server_on_ray_serve_answers_as_the_single_process(ray_local, index_dir: Path,
+                                                                      tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """`python -m engine.serve --ray auto --shards 2` (joining this test's Ray): the same HTTP answers."""
+    import base64
+    import signal
+
+    import httpx
+
+    from conftest import image_bytes
+    from engine.serve.launcher import ServerProcess
+
+    single = Retriever.load(index_dir, checkpoint=tiny_checkpoint)
+    srv = ServerProcess(["--model", "tiny", "--checkpoint", str(tiny_checkpoint), "--index", str(index_dir),
+                         "--read-only", "--ray", "auto", "--shards", "2", "--cpus-per-replica", "0.5"],
+                        tmp_path / "server.log", env={"OMP_NUM_THREADS": "1"}, cwd=Path(__file__).resolve().parents[1])
+    image = make_image(50, 60, seed=7)
+    with srv.serving(stop_signal=signal.SIGTERM), httpx.Client(base_url=srv.url, timeout=60) as client:
+        assert [s["images"] for s in client.get("/v1/index/stats").json()["shards"]] != [0, 0]
+        for score in MODES.values():
+            settings = {"alpha": score.alpha, "tau": score.tau, "weights": score.weights}
+            got = client.post("/v1/search/images", json={"query": QUERIES, "k": 7, "laclip": settings}).json()["hits"]
+            for hits, want in zip(got, single.search_images(QUERIES, 7, score=score)):
+                assert [h["id"] for h in hits] == [h.id for h in want]
+                np.testing.assert_allclose([h["score"] for h in hits], [h.score for h in want], atol=1e-5)
+        encoded = base64.b64encode(image_bytes(image)).decode()
+        texts = client.post("/v1/search/texts", json={"image": encoded, "k": 5}).json()["hits"]
+        assert [h["id"] for h in texts] == [h.id for h in single.search_texts(image, 5)]
+        similar = client.post("/v1/search/similar", json={"id": "b0/3", "k": 6}).json()["hits"]
+        assert [h["id"] for h in similar] == [h.id for h in single.search_similar("b0/3", 6)]
