@@ -24,9 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.bench_index import clustered_gallery
+from benchmarks.bench_index import clustered_gallery, clustered_queries
 from benchmarks.bench_serve import REPO, Point, Round, closed_loop, summarise
 from engine.index import AnnConfig, Index
+from engine.index.search import ImageScorer
+from engine.index.shards import ShardQuery, ShardView
 from engine.retriever import Retriever
 from engine.serve.launcher import ServerProcess
 
@@ -43,6 +45,22 @@ def build_index(root: Path, rows: int, chunk: int = 100_000) -> float:
         retriever.add_image_embeddings(list(range(start, start + len(g))), g)
         start += len(g)
     return time.perf_counter() - began
+
+
+def shard_figures(index: Path, shards: int, queries: int = 200, k: int = 10) -> dict[str, float]:
+    """What one shard costs, for planning: rows, bytes on disk per row, and its search p50 (Q = 1, in process)."""
+    view = ShardView(index, 0, shards)
+    snap = view._states[view.generation].snapshot
+    rows = snap.live("images")
+    size = sum(p.stat().st_size for live in snap.segments for p in index.glob(f"segments/{live.segment.name}*"))
+    t = clustered_queries(rows * shards, queries, snap.manifest.embed_dim, seed=4)
+    times = []
+    for q in t:
+        began = time.perf_counter()
+        view.answer(ShardQuery(ImageScorer(q[None], None), k, False, snap.generation))
+        times.append(time.perf_counter() - began)
+    return {"shard_rows": rows, "bytes_per_row": size / rows, "search_p50_ms": 1000 * float(np.median(times)),
+            "search_p99_ms": 1000 * float(np.percentile(times, 99))}
 
 
 def server(index: Path, log: Path, extra: list[str]) -> ServerProcess:
@@ -95,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="bench-serve-ray-"))
     pairs: list[tuple[int, list[Point]]] = []
+    per_shard: dict[str, float] = {}
     try:
         small = work / "small"
         print(f"building {args.rows:,} rows: {build_index(small, args.rows):.0f} s", file=sys.stderr)
@@ -107,17 +126,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"building {args.big_rows:,} rows: {build_index(big, args.big_rows):.0f} s", file=sys.stderr)
             pairs.append((args.big_rows, compare("Ray Serve 2 shards x 1 replica", big,
                                                  ["--ray", "--shards", "2", "--replicas", "1"], args, work)))
+            per_shard = shard_figures(big, 2)
+            print(f"one of 2 shards: {per_shard}", file=sys.stderr)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report = table(pairs)
     print(f"model {MODEL} (random weights), {os.cpu_count()} CPUs, plain CLIP, fp16 rows, IVF candidates + exact "
           f"re-rank, k={args.k}, {args.clients} clients\n")
     print(report)
+    if per_shard:
+        print(f"\none shard of 2 at {args.big_rows:,} rows: {per_shard['shard_rows']:,} rows, "
+              f"{per_shard['bytes_per_row']:.0f} bytes/row on disk, search p50 {per_shard['search_p50_ms']:.2f} ms, "
+              f"p99 {per_shard['search_p99_ms']:.2f} ms (Q = 1, ANN + exact re-rank, in process)")
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                         "pairs": [[n, [asdict(p) for p in ps]] for n, ps in pairs],
-                                        "table": report}, indent=1))
+                                        "per_shard": per_shard, "table": report}, indent=1))
     return 0
 
 
