@@ -194,7 +194,7 @@ def build_router(core: ServerCore, policy: AccessPolicy, schemas: Schemas) -> AP
     async def stats() -> dict[str, Any]:
         return {**(await core.stats()), "persisted": core.persistent}
 
-    @v1.get("/images/{id}/thumbnail", summary="The stored thumbnail of an indexed image (JPEG)",
+    @v1.get("/images/{id:path}/thumbnail", summary="The stored thumbnail of an indexed image (JPEG)",
             response_class=Response, responses={200: {"content": {"image/jpeg": {"schema": _FILE}}},
                                                 **error_responses([404, 422, 503, *keyed])})
     async def thumbnail(id: str) -> Response:
@@ -206,7 +206,7 @@ def build_router(core: ServerCore, policy: AccessPolicy, schemas: Schemas) -> AP
 
 def _add_delete_routes(v1: APIRouter, core: ServerCore, kind: str, counted: Any, schemas: Schemas,
                        responses: dict) -> None:
-    @v1.delete(f"/index/{kind}/{{id}}", summary=f"Delete one of the {kind} (durable before the answer)",
+    @v1.delete(f"/index/{kind}/{{id:path}}", summary=f"Delete one of the {kind} (durable before the answer)",
                response_model=DeleteResponse, responses={**responses, **error_responses([404, 422])},
                name=f"delete_{kind}_one")
     async def delete_one(id: str) -> dict[str, Any]:
