@@ -383,43 +383,55 @@ class Retriever:
     # ---- search ---------------------------------------------------------------------------------------------
 
     def search_images(self, query: str | Sequence[str], k: int = 10, *, exact: bool = False,
-                      score: ScoreConfig | None = None) -> list[Hit] | list[list[Hit]]:
-        """Text -> image. A str gives its hits; a list of str gives one list of hits per query."""
+                      score: ScoreConfig | None = None, where: dict | None = None,
+                      negative: str | Sequence[str] | None = None,
+                      negative_weight: float = 0.5) -> list[Hit] | list[list[Hit]]:
+        """Text -> image. A str gives its hits; a list of str gives one list of hits per query. `where`: a payload
+        filter; `negative`: text(s) whose best score, times `negative_weight`, is subtracted from each image's."""
         single = isinstance(query, str)
         queries = [query] if single else _as_list(query, str)
         check_k(k, self.index.snapshot().live("images"), "images")
-        hits = self.search_image_embeddings(self.encode_texts(queries), k, exact=exact, score=score)
+        negatives = None if negative is None else self.encode_texts(_negative_texts(negative))
+        hits = self.search_image_embeddings(self.encode_texts(queries), k, exact=exact, score=score, where=where,
+                                            negative=negatives, negative_weight=negative_weight)
         return hits[0] if single else hits
 
     def search_texts(self, image: ImageInput | Sequence[ImageInput], k: int = 10, *, exact: bool = False,
-                     score: ScoreConfig | None = None) -> list[Hit] | list[list[Hit]]:
+                     score: ScoreConfig | None = None, where: dict | None = None) -> list[Hit] | list[list[Hit]]:
         """Image -> text. One image gives its hits; a list of images gives one list of hits per image."""
         single = not isinstance(image, (list, tuple))
         images = [image] if single else list(image)
         check_k(k, self.index.snapshot().live("texts"), "texts")
         emb = self.encode_image_views(images)
-        hits = self.search_text_embeddings(emb.global_, emb.crops, k, exact=exact, score=score)
+        hits = self.search_text_embeddings(emb.global_, emb.crops, k, exact=exact, score=score, where=where)
         return hits[0] if single else hits
 
     def search_image_embeddings(self, text_vectors: np.ndarray, k: int = 10, *, exact: bool = False,
-                                score: ScoreConfig | None = None) -> list[list[Hit]]:
-        """Top-k images for each text vector [Q, D] (L2-normalised) under `score` (None: the retriever's own)."""
+                                score: ScoreConfig | None = None, where: dict | None = None,
+                                negative: np.ndarray | None = None,
+                                negative_weight: float = 0.5) -> list[list[Hit]]:
+        """Top-k images for each text vector [Q, D] (L2-normalised) under `score` (None: the retriever's own);
+        `negative`: text vectors [N, D] subtracted as in search_images."""
         t = _query_vectors(text_vectors, self.encoder.embed_dim, "text vectors")
         snap = self.index.snapshot()
         check_k(k, snap.live("images"), "images")
-        found = self.index.search_images(t, k, score=self._score(score), exact=exact, snapshot=snap)
+        found = self.index.search_images(t, k, score=self._score(score), exact=exact, snapshot=snap, where=where,
+                                         negative=negative, negative_weight=negative_weight)
         return to_hits(found, snap, "images")
 
     def search_text_embeddings(self, global_: np.ndarray, crops: np.ndarray | None = None, k: int = 10, *,
-                               exact: bool = False, score: ScoreConfig | None = None) -> list[list[Hit]]:
+                               exact: bool = False, score: ScoreConfig | None = None,
+                               where: dict | None = None) -> list[list[Hit]]:
         """Top-k texts for each query image (global [Q, D], crops [Q, K, D] for LACLIP scoring)."""
         g = _query_vectors(global_, self.encoder.embed_dim, "image vectors")
         snap = self.index.snapshot()
         check_k(k, snap.live("texts"), "texts")
-        found = self.index.search_texts(g, crops, k, score=self._score(score), exact=exact, snapshot=snap)
+        found = self.index.search_texts(g, crops, k, score=self._score(score), exact=exact, snapshot=snap,
+                                        where=where)
         return to_hits(found, snap, "texts")
 
-    def search_similar(self, id_or_image: Id | ImageInput, k: int = 10, *, exact: bool = False) -> list[Hit]:
+    def search_similar(self, id_or_image: Id | ImageInput, k: int = 10, *, exact: bool = False,
+                       where: dict | None = None) -> list[Hit]:
         """Image -> image by global embeddings. An indexed id uses its stored vector (nothing re-encoded) and is
         left out of its own hits; anything else is an image (path, bytes, PIL)."""
         snap = self.index.snapshot()
@@ -428,21 +440,24 @@ class Retriever:
         if by_id:
             vector, _ = self.index.vector("images", id_or_image)
             check_k(k, snap.live("images") - 1, "other images")
-            found = self.index.search_images(vector[None], k + 1, score=None, exact=exact, snapshot=snap)[0]
+            found = self.index.search_images(vector[None], k + 1, score=None, exact=exact, snapshot=snap,
+                                             where=where)[0]
             hits = [h for h in to_hits([found], snap, "images")[0] if id_key(h.id) != id_key(id_or_image)]
             return hits[:k]
         if isinstance(id_or_image, int) and not isinstance(id_or_image, bool):
             raise InputError(f"unknown image id {id_or_image!r}")
         check_k(k, snap.live("images"), "images")
-        return self.search_similar_embeddings(self.encode_images([id_or_image]), k, exact=exact)[0]
+        return self.search_similar_embeddings(self.encode_images([id_or_image]), k, exact=exact, where=where)[0]
 
-    def search_similar_embeddings(self, global_: np.ndarray, k: int = 10, *, exact: bool = False) -> list[list[Hit]]:
+    def search_similar_embeddings(self, global_: np.ndarray, k: int = 10, *, exact: bool = False,
+                                  where: dict | None = None) -> list[list[Hit]]:
         """Top-k images for each query image's global vector [Q, D]: plain CLIP (global vectors alone) whatever
         the scoring settings, as image -> image compares like with like."""
         g = _query_vectors(global_, self.encoder.embed_dim, "image vectors")
         snap = self.index.snapshot()
         check_k(k, snap.live("images"), "images")
-        return to_hits(self.index.search_images(g, k, score=None, exact=exact, snapshot=snap), snap, "images")
+        found = self.index.search_images(g, k, score=None, exact=exact, snapshot=snap, where=where)
+        return to_hits(found, snap, "images")
 
     def _score(self, score: ScoreConfig | LaclipConfig | None) -> ScoreConfig | None:
         """The scoring for one call: `score`, else the retriever's own (None: plain CLIP)."""
@@ -481,6 +496,14 @@ def to_hits(found: list[Found], snap: Snapshot, kind: str) -> list[list[Hit]]:
         out.append([Hit(part.id_at(int(r)), float(v), part.payload(int(r)))
                     for part, v, r in zip(parts, f.scores, f.rows)])
     return out
+
+
+def _negative_texts(negative: str | Sequence[str]) -> list[str]:
+    """One negative text or a non-empty list of them."""
+    texts = [negative] if isinstance(negative, str) else _as_list(negative, str)
+    if not texts or not all(isinstance(t, str) and t for t in texts):
+        raise InputError(f"negative must be a non-empty text or a non-empty list of them, got {negative!r}")
+    return texts
 
 
 def _as_list(items: Union[Sequence, object], kind: type | None) -> list:

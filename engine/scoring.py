@@ -74,6 +74,16 @@ def text_scores(g: torch.Tensor, c: torch.Tensor | None, texts: torch.Tensor,
     return torch.stack([query_aware_tensor(texts, g[i:i + 1], c[i:i + 1], config)[:, 0] for i in range(len(g))])
 
 
+def best_crop_scores(q: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """[Q, N] float32 max_j (c_j . q): query image vectors q [Q, D] against each image's best crop (c [N, K, D])."""
+    return crop_similarities(q, c).amax(dim=-1)
+
+
+def crop_similarities(q: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """[Q, N, K] float32 similarity of each query vector to each crop of each image."""
+    return torch.einsum("qd,nkd->qnk", q.float(), c.float())
+
+
 def score_images(t: np.ndarray, g: np.ndarray, c: np.ndarray | None, p: np.ndarray | None,
                  config: Settings | None) -> np.ndarray:
     """[Q, N] scores of Q text queries against N images under `config` (None = global CLIP), numpy in and out."""

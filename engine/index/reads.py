@@ -14,7 +14,8 @@ from ..ids import Id, check_id, id_key
 from ..laclip import ScoreConfig
 from .directory import Directory
 from .manifest import IndexManifest
-from .search import Found, ImageScorer, Placement, Scorer, TextScorer, search
+from .filters import parse_where
+from .search import CropScorer, Found, ImageScorer, Placement, Scorer, TextScorer, search
 from .snapshot import Snapshot
 
 
@@ -130,14 +131,20 @@ class IndexReads:
     # ---- search -------------------------------------------------------------------------------------------
 
     def search_images(self, t: np.ndarray, k: int, *, score: ScoreConfig | None, exact: bool = False,
-                      snapshot: Snapshot | None = None) -> list[Found]:
-        """Top-k images per text query t [Q, D]; score None (or alpha = 1) is plain CLIP."""
+                      snapshot: Snapshot | None = None, where: Any = None, negative: np.ndarray | None = None,
+                      negative_weight: float = 0.5) -> list[Found]:
+        """Top-k images per text query t [Q, D]; score None (or alpha = 1) is plain CLIP. `where`: a payload
+        filter (engine.index.filters); `negative` [N, D]: text vectors whose best score, times `negative_weight`,
+        is subtracted from every image's score."""
         snap = snapshot or self._snapshot
-        scorer = ImageScorer(np.ascontiguousarray(t, np.float32), self._effective(score))
+        scorer = ImageScorer(np.ascontiguousarray(t, np.float32), self._effective(score), where=parse_where(where))
+        if negative is not None:
+            scorer = replace(scorer, negative=check_negative(negative, t.shape[1]),
+                             negative_weight=check_negative_weight(negative_weight))
         return self.scan(snap, scorer, k, exact)
 
     def search_texts(self, g: np.ndarray, c: np.ndarray | None, k: int, *, score: ScoreConfig | None,
-                     exact: bool = False, snapshot: Snapshot | None = None) -> list[Found]:
+                     exact: bool = False, snapshot: Snapshot | None = None, where: Any = None) -> list[Found]:
         """Top-k texts per query image (global g [Q, D], crops c [Q, K, D] or None)."""
         snap = snapshot or self._snapshot
         score = self._effective(score)
@@ -146,8 +153,17 @@ class IndexReads:
             raise InputError(f"LACLIP scoring of image queries needs crop embeddings [{len(g)}, K, {g.shape[1]}], "
                              f"got {got}")
         scorer = TextScorer(np.ascontiguousarray(g, np.float32),
-                            np.ascontiguousarray(c, np.float32) if score is not None else None, score)
+                            np.ascontiguousarray(c, np.float32) if score is not None else None, score,
+                            where=parse_where(where))
         return self.scan(snap, scorer, k, exact)
+
+    def search_crops(self, q: np.ndarray, k: int, *, snapshot: Snapshot | None = None,
+                     where: Any = None) -> list[Found]:
+        """Top-k images per query image vector q [Q, D] by their best-matching crop (max_j c_j . q), exactly."""
+        if not self.has_crops:
+            raise InputError("against='crops' needs an index with LACLIP crops; this one stores global vectors only")
+        snap = snapshot or self._snapshot
+        return self.scan(snap, CropScorer(np.ascontiguousarray(q, np.float32), where=parse_where(where)), k, True)
 
     def scan(self, snap: Snapshot, scorer: Scorer, k: int, exact: bool) -> list[Found]:
         """Where the scoring runs: here over the mapped segments, or scattered to shards when `scatter` is set."""
@@ -161,3 +177,26 @@ class IndexReads:
         if not self.has_crops:
             raise InputError("this index has no LACLIP crops: only plain CLIP scoring (alpha = 1) is possible")
         return score
+
+
+MAX_NEGATIVE_WEIGHT = 10.0
+
+
+def check_negative(negative: Any, dim: int) -> np.ndarray:
+    """Negative query vectors as float32 [N >= 1, dim], finite; InputError naming what is wrong."""
+    try:
+        array = np.atleast_2d(np.asarray(negative, dtype=np.float32))
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"negative: not a numeric array ({exc})") from None
+    if array.ndim != 2 or array.shape[1] != dim or not len(array):
+        raise InputError(f"negative: expected vectors of shape [N >= 1, {dim}], got {list(array.shape)}")
+    if not np.isfinite(array).all():
+        raise InputError("negative: NaN or infinite values")
+    return np.ascontiguousarray(array)
+
+
+def check_negative_weight(weight: Any) -> float:
+    """negative_weight: a number in 0..MAX_NEGATIVE_WEIGHT."""
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= MAX_NEGATIVE_WEIGHT:
+        raise InputError(f"negative_weight must be a number in 0..{MAX_NEGATIVE_WEIGHT:g}, got {weight!r}")
+    return float(weight)

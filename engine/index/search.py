@@ -25,6 +25,7 @@ import torch
 from .. import scoring
 from .. import ops
 from ..laclip import ScoreConfig, pooled_vectors
+from .filters import Filter, restrict
 from .manifest import AnnConfig
 from .residency import Residency, ResidencyConfig
 from .segment import Part
@@ -123,25 +124,42 @@ def _pool_rows(g: torch.Tensor, c: torch.Tensor, score: ScoreConfig) -> torch.Te
 @dataclass(frozen=True)
 class ImageScorer:
     """Text queries t [Q, D] against stored images; score None = plain CLIP (global term only). `t_dev` is the
-    queries' device copy, made once per search by `bind`."""
+    queries' device copy, made once per search by `bind`. `negative` [N, D] (text vectors) turns every score into
+    s(t, image) - negative_weight * max_n s(negative_n, image), the same scoring for both; ANN candidates come
+    from t alone. `where`: only rows whose payload matches are scored."""
 
     t: np.ndarray
     score: ScoreConfig | None
     t_dev: torch.Tensor | None = None
+    where: Filter | None = None
+    negative: np.ndarray | None = None
+    negative_weight: float = 0.5
+    negative_dev: torch.Tensor | None = None
     kind = "images"
+    ann_ok = True
 
     @property
     def candidates(self) -> np.ndarray:
         return self.t
 
     def bind(self, place: Placement) -> "ImageScorer":
-        return replace(self, t_dev=place.tensor(self.t))
+        negative = None if self.negative is None else place.tensor(self.negative)
+        return replace(self, t_dev=place.tensor(self.t), negative_dev=negative)
 
     def select(self, queries: np.ndarray) -> "ImageScorer":
-        return ImageScorer(self.t[queries], self.score, None if self.t_dev is None else self.t_dev[queries])
+        return replace(self, t=self.t[queries], t_dev=None if self.t_dev is None else self.t_dev[queries])
 
     def scores(self, part: Part, rows: RowSelection, place: Placement) -> torch.Tensor:
         t = self.t_dev if self.t_dev is not None else place.tensor(self.t)
+        out = self.positive_scores(t, part, rows, place)
+        if self.negative is None:
+            return out
+        negative = self.negative_dev if self.negative_dev is not None else place.tensor(self.negative)
+        worst = self.positive_scores(negative, part, rows, place).max(dim=0, keepdim=True).values
+        return out - self.negative_weight * worst
+
+    def positive_scores(self, t: torch.Tensor, part: Part, rows: RowSelection, place: Placement) -> torch.Tensor:
+        """[Q, n] scores of query vectors t against `rows` under this scorer's settings (no negatives)."""
         if scoring.is_plain(self.score):
             return scoring.image_scores(t, place.rows(part, "vectors", rows), None, None)
         if self.score.weights == "image":
@@ -151,9 +169,11 @@ class ImageScorer:
 
     def fused_topk(self, part: Part, k: int, place: Placement) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(values, rows) [Q, k] of the whole part by the kernel's own top-k, or None where blocks are scored
-        instead. On a GPU: every mode, once the rows are resident. On the host: query-aware weights, straight
-        from the memory map (faster than scores plus a top-k per block: bench_laclip_kernel times both); plain
-        and pooled rows stay one GEMM per block there."""
+        instead (always with negatives). On a GPU: every mode, once the rows are resident. On the host:
+        query-aware weights, straight from the memory map (faster than scores plus a top-k per block:
+        bench_laclip_kernel times both); plain and pooled rows stay one GEMM per block there."""
+        if self.negative is not None:
+            return None
         if not place.on_device:
             if (scoring.is_plain(self.score) or self.score.weights == "image" or part.crops is None
                     or not ops.extension_available()):
@@ -189,7 +209,9 @@ class TextScorer:
     score: ScoreConfig | None
     g_dev: torch.Tensor | None = None
     c_dev: torch.Tensor | None = None
+    where: Filter | None = None
     kind = "texts"
+    ann_ok = True
 
     @property
     def candidates(self) -> np.ndarray:
@@ -203,7 +225,7 @@ class TextScorer:
     def select(self, queries: np.ndarray) -> "TextScorer":
         def pick(x: np.ndarray | torch.Tensor | None) -> np.ndarray | torch.Tensor | None:
             return None if x is None else x[queries]
-        return TextScorer(self.g[queries], pick(self.c), self.score, pick(self.g_dev), pick(self.c_dev))
+        return replace(self, g=self.g[queries], c=pick(self.c), g_dev=pick(self.g_dev), c_dev=pick(self.c_dev))
 
     def scores(self, part: Part, rows: RowSelection, place: Placement) -> torch.Tensor:
         g = self.g_dev if self.g_dev is not None else place.tensor(self.g)
@@ -214,7 +236,36 @@ class TextScorer:
         return None  # the texts are the kernel's queries here, so its per-query top-k runs the other way
 
 
-Scorer = Union[ImageScorer, TextScorer]
+@dataclass(frozen=True)
+class CropScorer:
+    """Query image vectors q [Q, D] against each stored image's best crop: max_j (c_j . q), so a fragment finds
+    the whole images that contain it. Always exact (the ANN structures index the global vectors)."""
+
+    q: np.ndarray
+    q_dev: torch.Tensor | None = None
+    where: Filter | None = None
+    kind = "images"
+    ann_ok = False
+
+    @property
+    def candidates(self) -> np.ndarray:
+        return self.q
+
+    def bind(self, place: Placement) -> "CropScorer":
+        return replace(self, q_dev=place.tensor(self.q))
+
+    def select(self, queries: np.ndarray) -> "CropScorer":
+        return replace(self, q=self.q[queries], q_dev=None if self.q_dev is None else self.q_dev[queries])
+
+    def scores(self, part: Part, rows: RowSelection, place: Placement) -> torch.Tensor:
+        q = self.q_dev if self.q_dev is not None else place.tensor(self.q)
+        return scoring.best_crop_scores(q, place.rows(part, "crops", rows))
+
+    def fused_topk(self, part: Part, k: int, place: Placement) -> None:
+        return None
+
+
+Scorer = Union[ImageScorer, TextScorer, CropScorer]
 
 
 @dataclass(frozen=True)
@@ -228,20 +279,28 @@ class Found:
 
 def search(snapshot: Snapshot, scorer: Scorer, k: int, *, exact: bool, ann: AnnConfig,
            place: Placement, fallback_exact: bool = True) -> list[Found]:
-    """Top-k live rows per query. ANN is used for segments that have a structure, unless `exact` or the index
-    holds fewer than `ann.exact_below` live rows; a query whose ANN candidates hold fewer than k live rows is
-    answered exactly (unless not `fallback_exact`: a shard leaves that choice to the merge of all shards)."""
+    """Top-k live rows per query (only rows matching `scorer.where`, when it is set). ANN is used for segments
+    that have a structure, unless `exact`, the scorer needs every row, or the index holds fewer than
+    `ann.exact_below` live rows; a segment where few rows match the filter scores just those rows; a query whose
+    ANN candidates hold fewer than k live rows is answered exactly (unless not `fallback_exact`: a shard leaves
+    that choice to the merge of all shards)."""
     queries = len(scorer.candidates)
     scorer = scorer.bind(place)
-    use_ann = not exact and ann.kind != "none" and snapshot.live(scorer.kind) >= ann.exact_below
+    use_ann = not exact and scorer.ann_ok and ann.kind != "none" and snapshot.live(scorer.kind) >= ann.exact_below
     pieces: list[list[tuple[np.ndarray, int, np.ndarray]]] = [[] for _ in range(queries)]
     candidates: list[tuple[int, LiveSegment, torch.Tensor, torch.Tensor]] = []
     for position, live, part in snapshot.parts(scorer.kind):
-        if use_ann and part.ann is not None:
+        with_ann = use_ann and part.ann is not None
+        if scorer.where is not None:
+            live, allowed = restrict(live, part, scorer.kind, scorer.where)
+            if len(allowed) <= few_rows(part, k, ann, with_ann):
+                _rows_segment(scorer, part, live, position, allowed, k, place, pieces)
+                continue
+        if with_ann:
             _ann_segment(scorer, part, live, position, k, ann, place, pieces)
             continue
         deleted = len(live.deleted.get(scorer.kind, ()))
-        fused = scorer.fused_topk(part, min(part.rows, k + deleted), place)
+        fused = scorer.fused_topk(part, min(part.rows, k + deleted), place) if scorer.where is None else None
         if fused is not None:  # k + deleted candidates: the deleted ones are dropped in _collect
             candidates.append((position, live, *fused))
         elif place.on_device:
@@ -266,6 +325,23 @@ def search(snapshot: Snapshot, scorer: Scorer, k: int, *, exact: bool, ann: AnnC
     return found
 
 
+def few_rows(part: Part, k: int, ann: AnnConfig, with_ann: bool) -> int:
+    """Up to how many rows matching a filter a segment scores directly (gathered) instead of by its ANN
+    structure (k x refine, or 2% of its rows) or by a masked scan of every row (a quarter of them)."""
+    return max(k * ann.refine, part.rows // 50) if with_ann else part.rows // 4
+
+
+def _rows_segment(scorer: Scorer, part: Part, live: LiveSegment, position: int, rows: np.ndarray, k: int,
+                  place: Placement, pieces: list[list]) -> None:
+    """Exact scores of the given (sorted, live) rows only, gathered block by block."""
+    step = _block_rows(part)
+    for start in range(0, len(rows), step):
+        chosen = rows[start:start + step]
+        scores = scorer.scores(part, chosen, place).float().cpu().numpy()
+        for q in range(len(scores)):
+            _collect(pieces[q], scores[q], chosen, live, scorer.kind, position, k)
+
+
 def _scan_segment(scorer: Scorer, part: Part, live: LiveSegment, position: int, k: int, place: Placement,
                   pieces: list[list]) -> None:
     for start, stop in _blocks(part):
@@ -277,9 +353,13 @@ def _scan_segment(scorer: Scorer, part: Part, live: LiveSegment, position: int, 
 
 def _blocks(part: Part) -> list[tuple[int, int]]:
     """Row ranges of about _BLOCK_BYTES of stored vectors and crops each."""
-    row_bytes = part.vectors[0].nbytes + (part.crops[0].nbytes if part.crops is not None else 0)
-    step = max(1024, _BLOCK_BYTES // max(1, row_bytes))
+    step = _block_rows(part)
     return [(start, min(part.rows, start + step)) for start in range(0, part.rows, step)]
+
+
+def _block_rows(part: Part) -> int:
+    row_bytes = part.vectors[0].nbytes + (part.crops[0].nbytes if part.crops is not None else 0)
+    return max(1024, _BLOCK_BYTES // max(1, row_bytes))
 
 
 def _device_blocks(scorer: Scorer, part: Part, live: LiveSegment, k: int,
