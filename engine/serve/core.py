@@ -180,13 +180,15 @@ class ServerCore:
     def persistent(self) -> bool:
         return self.config.index_dir is not None
 
-    def describe(self) -> dict[str, str]:
-        """Model, backend, precision and device, for /readyz and /v1/info."""
+    def describe(self) -> dict[str, Any]:
+        """Model, backend, precision, device and whether the weights are random (`--random-weights`, or `tiny`
+        without a checkpoint: rankings mean nothing), for /readyz and /v1/info."""
         retriever = self._require_ready()
         encoder = retriever.encoder
         backend = self.config.backend if self.config.export_dir is not None else "torch"
         return {"model": retriever.identity.model, "backend": backend,
-                "precision": str(getattr(encoder, "precision", "fp32")), "device": self.config.device}
+                "precision": str(getattr(encoder, "precision", "fp32")), "device": self.config.device,
+                "random_weights": retriever.identity.checkpoint_hash.startswith("random-seed-")}
 
     def laclip_info(self) -> dict[str, Any] | None:
         laclip = self._require_ready().laclip

@@ -67,6 +67,7 @@ class InfoResponse(BaseModel):
     backend: str
     precision: str
     device: str
+    random_weights: bool = Field(False, description="the model has random weights: rankings mean nothing")
     laclip: Optional[dict[str, Any]]
     max_k: int
     images: int
