@@ -1,5 +1,5 @@
 """Command line over the Retriever API: `index` a collection (in one process or on Ray), `search` a saved
-index, `upgrade` an index written in the previous on-disk format."""
+index, `upgrade` an index written in the previous on-disk format, `verify` an index's every checksum."""
 from __future__ import annotations
 
 import argparse
@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     upgrade.add_argument("directory")
     upgrade.add_argument("--drop-texts", action="store_true",
                          help="drop texts encoded with the old text pipeline (re-encode them afterwards)")
+    verify = sub.add_parser("verify", help="read a whole index and check every checksum; exit 1 naming each "
+                                           "damaged file")
+    verify.add_argument("directory")
     return parser
 
 
@@ -134,8 +137,16 @@ def run_upgrade(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"index": run_index, "search": run_search, "upgrade": run_upgrade}
+    commands = {"index": run_index, "search": run_search, "upgrade": run_upgrade, "verify": run_verify}
     try:
         return commands[args.command](args)
     except EngineError as exc:
         return report_error(exc)
+def run_verify(args: argparse.Namespace) -> int:
+    from .index.verification import verify_index
+
+    report = verify_index(args.directory)
+    print(report.summary(), file=sys.stdout if report.ok else sys.stderr)
+    return 0 if report.ok else 1
+
+

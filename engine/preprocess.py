@@ -40,7 +40,7 @@ def load_image(source: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> Imag
     if isinstance(source, Image.Image):
         image = source
     elif isinstance(source, (str, Path, bytes, bytearray, memoryview)):
-        image = _open(source, name)
+        image = _open(source, name, max_pixels)
     else:
         raise ImageDecodeError(f"{name}: expected a path, bytes or a PIL image")
     width, height = image.size
@@ -60,7 +60,7 @@ def load_image(source: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> Imag
     return image
 
 
-def _open(source: str | Path | bytes | bytearray | memoryview, name: str) -> Image.Image:
+def _open(source: str | Path | bytes | bytearray | memoryview, name: str, max_pixels: int) -> Image.Image:
     if isinstance(source, (bytes, bytearray, memoryview)):
         if len(source) == 0:
             raise ImageDecodeError(f"{name}: empty image data")
@@ -77,8 +77,9 @@ def _open(source: str | Path | bytes | bytearray | memoryview, name: str) -> Ima
             return Image.open(stream)
     except UnidentifiedImageError as exc:  # its message holds the stream's repr, which names nothing useful
         raise ImageDecodeError(f"{name}: not a readable image (unknown or damaged format)") from exc
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageDecodeError(f"{name}: not a readable image ({exc.__class__.__name__}: {exc})") from exc
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # Pillow's text quotes its own
+        raise ImageDecodeError(f"{name}: more pixels than the limit of {max_pixels} "  # threshold, not ours
+                               "(possible decompression bomb)") from exc
     except Exception as exc:
         raise ImageDecodeError(f"{name}: cannot open image ({exc.__class__.__name__}: {exc})") from exc
 

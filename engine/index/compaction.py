@@ -1,5 +1,6 @@
 """Compaction: which segments to merge (`CompactionPolicy`, the strategy an Index is given) and how a group of
-segments becomes one (`merged_segment`: their live rows, streamed, in order)."""
+segments becomes one (`merged_segment`: their live rows, streamed, in order, after every checksum of every
+column it reads was verified, so a damaged row is refused rather than rewritten with a fresh checksum)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -53,7 +54,10 @@ def full_groups(snap: Snapshot) -> list[list[int]]:
 
 
 def merged_segment(lives: list[LiveSegment], manifest: IndexManifest, directory: Path | None) -> Segment | None:
-    """One new segment holding the live rows of `lives`, in order (None when none are live)."""
+    """One new segment holding the live rows of `lives`, in order (None when none are live). An IndexFormatError
+    naming the file and column, before anything is written, when a source segment fails its checksums."""
+    for live in lives:
+        live.segment.verify()
     sources = []
     for kind in KINDS:
         parts = [(live, live.segment.parts[kind]) for live in lives if kind in live.segment.parts]

@@ -313,16 +313,21 @@ class Index(IndexReads):
             log.warning("automatic compaction failed (the write itself is committed): %s", exc)
 
     def _merge(self, snap: Snapshot, groups: list[list[int]]) -> None:
-        """(Under the writer lock, `snap` the newest commit.)"""
-        """Replace each group of segments by one segment of their live rows (at the first one's position)."""
+        """Replace each group of segments by one segment of their live rows (at the first one's position); under
+        the writer lock, `snap` the newest commit. Any failure (a source failing its checksums included) removes
+        what this merge wrote and leaves the index as it was."""
         replaced: dict[int, LiveSegment | None] = {}
-        for group in groups:
-            merged = merged_segment([snap.segments[i] for i in group], snap.manifest, self._dir.segments)
-            for i in group:
-                replaced[i] = None
-            replaced[group[0]] = LiveSegment.of(merged) if merged is not None else None
-        segments = tuple(replaced.get(i, live) if i in replaced else live for i, live in enumerate(snap.segments))
-        with discard_on_failure([live.segment.path for live in replaced.values() if live is not None]):
+
+        def written() -> list[Path | None]:
+            return [live.segment.path for live in replaced.values() if live is not None]
+
+        with discard_on_failure(written):
+            for group in groups:
+                merged = merged_segment([snap.segments[i] for i in group], snap.manifest, self._dir.segments)
+                for i in group:
+                    replaced[i] = None
+                replaced[group[0]] = LiveSegment.of(merged) if merged is not None else None
+            segments = tuple(replaced.get(i, live) for i, live in enumerate(snap.segments))
             self._commit(tuple(s for s in segments if s is not None), {})
 
     def _sweep(self) -> None:

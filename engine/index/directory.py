@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import zlib
 from pathlib import Path
 from typing import Any, Union
 
@@ -69,8 +70,10 @@ class DiskDirectory:
         return cls(root)
 
     def write_deletes(self, segment: str, kind: str, rows: np.ndarray) -> str | None:
-        """A new delete file (sorted row numbers) for one segment's `kind`, fsynced; its name."""
-        name = f"{segment}.{kind}.{time.time_ns():x}.npy"
+        """A new delete file (sorted row numbers) for one segment's `kind`, fsynced; its name, which carries the
+        rows' CRC-32 (engine.index.opening checks it)."""
+        rows = np.ascontiguousarray(rows, dtype=np.int64)
+        name = f"{segment}.{kind}.{time.time_ns():x}.{zlib.crc32(rows.tobytes()):08x}.npy"  # the CRC-32 of its rows
         with discard_on_failure([self.path / DELETES / name]):
             write_array(self.path / DELETES / name, rows)
             fsync_dir(self.path / DELETES)

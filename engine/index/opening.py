@@ -2,6 +2,7 @@
 the manifest (identity, row counts, shapes, delete files, text pipeline) before anything is searched."""
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -70,7 +71,7 @@ def _state(root: Path, data: dict[str, Any], reuse: dict[str, Segment],
                     raise FileNotFoundError(2, "missing", str(path))
                 segment = Segment.open(path)
             check_segment(segment, manifest, entry, str(path))
-            deletes = {kind: _read_deletes(root / DELETES / name, segment.rows(kind))
+            deletes = {kind: read_deletes(root / DELETES / name, segment.rows(kind))
                        for kind, name in entry.get("deletes", {}).items()}
             delete_files[segment.name] = dict(entry.get("deletes", {}))
             segments.append(LiveSegment.of(segment, deletes))
@@ -101,7 +102,8 @@ def check_segment(segment: Segment, manifest: IndexManifest, entry: dict[str, An
         raise IndexFormatError(f"{where}: image vectors have the wrong shape for this index")
 
 
-def _read_deletes(path: Path, rows: int) -> np.ndarray:
+def read_deletes(path: Path, rows: int) -> np.ndarray:
+    """A delete file's row numbers, checked: a 1-d int array of rows in 0..rows-1 matching its named checksum."""
     try:
         deleted = np.load(path, allow_pickle=False)
     except FileNotFoundError:
@@ -110,4 +112,7 @@ def _read_deletes(path: Path, rows: int) -> np.ndarray:
         raise IndexFormatError(f"{path}: damaged deletes file ({exc})") from exc
     if deleted.ndim != 1 or deleted.dtype.kind != "i" or (len(deleted) and (deleted.min() < 0 or deleted.max() >= rows)):
         raise IndexFormatError(f"{path}: damaged deletes file (rows outside 0..{rows - 1})")
+    named_crc = path.name.split(".")[-2] if path.name.count(".") == 4 else None  # files of earlier releases: none
+    if named_crc is not None and f"{zlib.crc32(np.ascontiguousarray(deleted, np.int64).tobytes()):08x}" != named_crc:
+        raise IndexFormatError(f"{path}: damaged deletes file (its rows fail the checksum in its name)")
     return np.unique(deleted)

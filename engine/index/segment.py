@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 SEGMENT_SUFFIX = ".seg"
 KINDS = ("images", "texts")
 _POOLED_CACHE_ENTRIES = 2
+_SMALL_COLUMNS = frozenset({"id_order", "id_hash", "id_data", "id_offsets", "id_int", "payload_data", "payload_offsets"})
 ANN_COLUMNS = {"ivf": "ivf_fastscan", "hnsw": "hnsw"}  # the column holding each kind's serialised FAISS index
 
 
@@ -129,7 +130,7 @@ class Part:
     """One kind of rows of a segment, read-only. Row numbers are positions within this part."""
 
     def __init__(self, kind: str, columns: dict[str, np.ndarray], meta: dict[str, Any], where: str) -> None:
-        self.kind = kind
+        self.kind, self.where = kind, where
         self.rows = int(meta["rows"])
         self.vectors = columns["vectors"]
         self.crops = columns.get("crops")
@@ -150,8 +151,11 @@ class Part:
                 raise IndexFormatError(f"{where}: {kind}.{name} has {length} rows, expected {self.rows}")
 
     def id_at(self, row: int) -> Id:
-        key = self._ids[row].decode("utf-8")
-        return int(key) if self._id_int[row] else key
+        try:
+            key = self._ids[row].decode("utf-8")
+            return int(key) if self._id_int[row] else key
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise IndexFormatError(f"{self.where}: the id of {self.kind} row {row} is damaged ({exc})") from exc
 
     def ids(self) -> list[Id]:
         return [self.id_at(i) for i in range(self.rows)]
@@ -172,7 +176,10 @@ class Part:
         return -1
 
     def payload(self, row: int) -> dict[str, Any] | None:
-        return decode_payload(self._payloads[row])
+        try:
+            return decode_payload(self._payloads[row])
+        except ValueError as exc:  # JSON and UTF-8 errors both are ValueErrors
+            raise IndexFormatError(f"{self.where}: the payload of {self.kind} row {row} is damaged ({exc})") from exc
 
     def payload_bytes(self) -> list[bytes]:
         return self._payloads.all()
@@ -233,7 +240,8 @@ class Segment:
 
     @classmethod
     def open(cls, path: Path) -> "Segment":
-        meta, columns = read_container(path)
+        """Map a segment file; its id and payload columns (small) are checked against their checksums at once."""
+        meta, columns = read_container(path, verify=_checked_at_open)
         return cls(path.name[:-len(SEGMENT_SUFFIX)], meta, columns, str(path), path)
 
     def verify(self) -> None:
@@ -258,6 +266,11 @@ def build_segment(sources: list[PartSource], manifest: IndexManifest, *, directo
     for source in sources:
         wants_ann = build_ann if build_ann is not None else len(source) >= manifest.ann.min_rows
         part_cols, part_meta = part_columns(source, manifest.ann, wants_ann)
+def _checked_at_open(column: str) -> bool:
+    """Columns whose damage would rename, drop or garble rows silently: ids, id lookups and payloads."""
+    return column.split(".", 1)[-1] in _SMALL_COLUMNS
+
+
         columns.update({f"{source.kind}.{name}": value for name, value in part_cols.items()})
         meta["parts"][source.kind] = part_meta
     name = new_segment_name()

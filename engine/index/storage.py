@@ -14,7 +14,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -124,8 +124,11 @@ def _aligned(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
-def read_container(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """(meta, read-only column views over one memory map); an IndexFormatError names the file and the fault."""
+def read_container(path: Path, verify: Callable[[str], bool] = lambda name: False,
+                   ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(meta, read-only column views over one memory map); an IndexFormatError names the file and the fault.
+    Columns for which `verify(name)` holds are read at once and checked against their CRC-32 (small ones: ids
+    and payloads, whose damage would otherwise rename or drop rows silently)."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -152,6 +155,8 @@ def read_container(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
             if start + nbytes > size:
                 raise IndexFormatError(f"{path}: column {name} runs past the end of the file (truncated)")
             views[name] = raw[start:start + nbytes].view(dtype).reshape(shape)
+            if verify(name):
+                _check_crc(path, name, views[name], spec)
         return meta, views
     except IndexFormatError:
         raise
@@ -160,22 +165,36 @@ def read_container(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
 
 
 def verify_container(path: Path) -> None:
-    """Read every column and compare its CRC-32 with the header's; an IndexFormatError names the column."""
+    """Check every byte the writer wrote: each column against its CRC-32, the header's reserved area (spaces) and
+    the alignment gaps (zeros); an IndexFormatError names the file and the column or area."""
+    _, views = read_container(path)
     try:
         with open(path, "rb") as f:
             f.seek(8)
             (length,) = struct.unpack("<Q", f.read(8))
-            columns = json.loads(f.read(length))["columns"]
+            text = f.read(length)
+            columns = json.loads(text)["columns"]
     except (OSError, ValueError, KeyError, struct.error) as exc:
         raise IndexFormatError(f"{path}: damaged segment file ({exc})") from exc
-    _, views = read_container(path)
+    raw = np.memmap(path, dtype=np.uint8, mode="r")
+    data_start = _aligned(16 + length)
+    json_end = 16 + len(text.rstrip(b" "))
+    if np.any(raw[json_end:16 + length] != ord(" ")) or np.any(raw[16 + length:data_start] != 0):
+        raise IndexFormatError(f"{path}: the header's reserved area is damaged")
     for name, spec in columns.items():
-        flat = views[name].reshape(-1).view(np.uint8)
-        crc = 0
-        for start in range(0, len(flat), _CHUNK_BYTES):
-            crc = zlib.crc32(memoryview(np.ascontiguousarray(flat[start:start + _CHUNK_BYTES])), crc)
-        if crc != spec["crc32"]:
-            raise IndexFormatError(f"{path}: column {name} fails its checksum (damaged)")
+        _check_crc(path, name, views[name], spec)
+        gap_start = data_start + int(spec["offset"]) + int(spec["nbytes"])
+        if np.any(raw[gap_start:data_start + int(spec["offset"]) + _aligned(int(spec["nbytes"]))] != 0):
+            raise IndexFormatError(f"{path}: the padding after column {name} is damaged")
+
+
+def _check_crc(path: Path, name: str, view: np.ndarray, spec: dict[str, Any]) -> None:
+    flat = view.reshape(-1).view(np.uint8)
+    crc = 0
+    for start in range(0, len(flat), _CHUNK_BYTES):
+        crc = zlib.crc32(memoryview(np.ascontiguousarray(flat[start:start + _CHUNK_BYTES])), crc)
+    if crc != spec.get("crc32"):
+        raise IndexFormatError(f"{path}: column {name} fails its checksum (damaged)")
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:

@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--read-only", action="store_true",
                    help="serve the existing index at --index as a replica: it follows the writer's commits "
                         "(within about 1 s) and answers adds and deletes 403; run one writer and any number of these")
+    p.add_argument("--verify-on-start", action="store_true",
+                   help="read the whole index against its checksums before serving (as python -m engine verify); "
+                        "a damaged file stops the server naming it")
     p.add_argument("--in-memory", action="store_true",
                    help="keep the index in memory only (nothing written; answers say \"persisted\": false)")
     p.add_argument("--gallery", type=Path, help="image folder to index at start-up (recursive; ids = paths relative "
@@ -156,7 +159,8 @@ def config_from_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> Se
     return ServeConfig(model=args.model, checkpoint=args.checkpoint, random_weights=args.random_weights,
                        export_dir=args.export, backend=args.backend, index_dir=index_dir, gallery=args.gallery,
                        texts=args.texts, laclip=laclip, device=args.device, precision=args.precision, batch=batch,
-                       workers=args.workers, max_pixels=args.max_pixels, read_only=args.read_only, cluster=cluster)
+                       workers=args.workers, max_pixels=args.max_pixels, read_only=args.read_only, cluster=cluster,
+                       verify_on_start=args.verify_on_start)
 
 
 def check_export_runtime(args: argparse.Namespace) -> str | None:
@@ -177,6 +181,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     config = config_from_args(parser, args)
+    try:
+        policy = AccessPolicy(args.api_key, args.protect_metrics, args.protect_docs)
+    except EngineError as exc:
+        parser.error(str(exc))
     missing = check_export_runtime(args)
     if missing:
         print(f"error: {missing}", file=sys.stderr)
@@ -195,7 +203,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if server is not None:
             server.should_exit = True
 
-    policy = AccessPolicy(args.api_key, args.protect_metrics, args.protect_docs)
     limits = HttpLimits(int(args.max_body_mb * (1 << 20)), args.body_timeout_s, args.max_concurrency,
                         args.header_timeout_s)
     app = create_app(core, metrics, policy=policy, limits=limits, on_fatal=fatal)

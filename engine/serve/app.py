@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .bodies import describe_errors
 from .core import ServerCore
 from .errors import HANDLED, engine_error_response, error_response, error_responses
-from .guards import AccessPolicy, AuthGuard, BodyGuard, ConcurrencyGuard, ErrorGuard
+from .guards import AccessPolicy, AuthGuard, BodyGuard, ConcurrencyGuard, ErrorGuard, FramingGuard
 from .metrics import MetricsMiddleware, RouteTable, ServerMetrics
 from .routes import Schemas, build_router
 from .schemas import HealthResponse, ReadyResponse
@@ -82,6 +82,7 @@ def create_app(core: ServerCore, metrics: ServerMetrics, *, policy: AccessPolicy
     app.add_middleware(BodyGuard, max_bytes=limits.max_body_bytes, timeout_s=limits.body_timeout_s)
     app.add_middleware(AuthGuard, policy=policy)
     app.add_middleware(ConcurrencyGuard, limit=limits.max_concurrency)
+    app.add_middleware(FramingGuard)
     routes: list[RouteTable] = []
     app.add_middleware(MetricsMiddleware, metrics=metrics, routes=lambda: routes[0])
 

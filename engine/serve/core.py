@@ -25,9 +25,11 @@ from PIL import Image
 
 from ..backends.export_reader import BACKENDS
 from ..batcher import Batcher, BatcherConfig
-from ..errors import InputError
+from ..errors import IndexFormatError, InputError
 from ..gallery import folder_images, read_texts_jsonl
 from ..ids import Id, check_id, check_ids, id_key
+from ..index import COMMIT
+from ..index.verification import verify_index
 from ..laclip import LaclipConfig
 from ..preprocess import DEFAULT_MAX_PIXELS
 from ..retriever import Hit, ImageEmbeddings, PreparedImages, Retriever
@@ -58,6 +60,7 @@ class ServeConfig:
     encode_batch_size: int = 32  # gallery indexing at start-up
     read_only: bool = False  # a replica: follows the index's commits, answers writes 403
     cluster: ClusterOptions | None = None  # score on Ray Serve shards of --index (engine.serve.cluster)
+    verify_on_start: bool = False  # read the whole index against its checksums before serving it
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,16 @@ class TextQueryResult:
 
     values: list[Any]
     truncated: list[bool]
+
+
+def check_index_files(index_dir: Path | None) -> None:
+    """--verify-on-start: an IndexFormatError naming every damaged file of the index (none yet: nothing to check)."""
+    if index_dir is None or not (index_dir / COMMIT).exists():
+        return
+    report = verify_index(index_dir)
+    log.info("--verify-on-start: %s", report.summary().splitlines()[0])
+    if not report.ok:
+        raise IndexFormatError(f"--verify-on-start: index {index_dir.name} is damaged: {report.summary()}")
 
 
 def build_retriever(config: ServeConfig) -> Retriever:
@@ -140,6 +153,8 @@ class ServerCore:
         log.info("ready: model %s, %d images, %d texts", self.retriever.identity.model, images, texts)
 
     def _load(self) -> Retriever:
+        if self.config.verify_on_start:
+            check_index_files(self.config.index_dir)
         retriever = build_retriever(self.config)
         retriever.index.read_only = self.config.read_only
         if self.config.gallery is not None:

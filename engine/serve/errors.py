@@ -5,6 +5,7 @@ clients parse one shape; OpenAPI documents it per route through `error_responses
 """
 from __future__ import annotations
 
+import os
 import re
 from typing import Any, Iterable
 
@@ -66,12 +67,23 @@ STATUS_TEXT = {
 
 
 _OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
+_ABSOLUTE_PATH = re.compile(r"(?<![\w./:])/(?:[^\s'\"/:,;()]+/)+[^\s'\"/:,;()]+")
+
+
+def _file_name(match: re.Match[str]) -> str:
+    """An absolute path on this machine becomes its last two parts (the index's layout is not the client's
+    business); anything else that looks like one (a route such as /v1/info) stays."""
+    path = match.group(0)
+    if not os.path.isdir(os.path.dirname(path)):
+        return path
+    return "/".join(path.rsplit("/", 2)[-2:])
 
 
 def safe_text(text: str) -> str:
     """`text` fit for a client: Python object reprs (`<_io.BytesIO object at 0x...>`, from library messages)
-    replaced by "the data", anything UTF-8 cannot carry (lone surrogates) escaped."""
-    text = _OBJECT_REPR.sub("the data", text)
+    replaced by "the data", absolute paths of this machine cut to their last two parts, anything UTF-8 cannot
+    carry (lone surrogates) escaped."""
+    text = _ABSOLUTE_PATH.sub(_file_name, _OBJECT_REPR.sub("the data", text))
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 

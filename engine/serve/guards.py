@@ -1,6 +1,6 @@
 """Connection-level protections, as ASGI middleware plus one uvicorn protocol setting.
 
-Order on the way in: concurrency cap (503 past --max-concurrency) -> API key (401, decided on the headers,
+Order on the way in: framing (400 and close for Content-Length with Transfer-Encoding) -> concurrency cap (503 past --max-concurrency) -> API key (401, decided on the headers,
 before any body byte is read) -> body guard (413 past --max-body-mb, 408 when the body has not arrived within
 --body-timeout-s) -> errors (anything unexpected becomes the one JSON error shape, so the connection stays
 usable) -> the app. An early answer leaves the unread body to uvicorn, which discards it and keeps the
@@ -9,13 +9,16 @@ connection. `guarded_h11` adds the missing header timeout: uvicorn waits for req
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import secrets
 from dataclasses import dataclass
 
+import h11
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from ..errors import InputError
 from .errors import error_response
 
 log = logging.getLogger("engine.serve")
@@ -31,6 +34,12 @@ class AccessPolicy:
     protect_metrics: bool = False
     protect_docs: bool = False
 
+    def __post_init__(self) -> None:
+        key = self.api_key
+        if key is not None and (not key or any(c.isspace() or not c.isprintable() for c in key)):
+            raise InputError(f"the API key must be non-empty, without spaces or control characters "
+                             f"(got {len(key)} characters): an empty key would let an empty token in")
+
     def needs_key(self, path: str) -> bool:
         if self.api_key is None:
             return False
@@ -45,10 +54,10 @@ class AccessPolicy:
     def allows(self, scope: Scope) -> bool:
         if not self.needs_key(scope["path"]):
             return True
-        given = _header(scope, b"authorization").decode("latin-1")
-        scheme, _, token = given.partition(" ")
-        return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(),
-                                                                     self.api_key.encode())
+        # bytes against bytes: the header arrives as raw bytes, the key is compared in UTF-8 (a non-ASCII key works
+        # for a client that sends it in UTF-8, as curl and browsers' fetch do)
+        scheme, _, token = _header(scope, b"authorization").partition(b" ")
+        return scheme.lower() == b"bearer" and secrets.compare_digest(token.strip(), self.api_key.encode("utf-8"))
 
 
 def _header(scope: Scope, name: bytes) -> bytes:
@@ -71,6 +80,22 @@ class AuthGuard:
             return
         await error_response(401, "Unauthorized", "missing or wrong API key: send 'Authorization: Bearer KEY'",
                              {"WWW-Authenticate": "Bearer"})(scope, receive, send)
+
+
+class FramingGuard:
+    """Content-Length together with Transfer-Encoding is 400 and the connection is closed (RFC 9112 6.3): the two
+    framings disagree about where the next request starts, the classic request-smuggling vector."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and _header(scope, b"transfer-encoding") and _header(scope, b"content-length"):
+            await error_response(400, "BadRequest", "a request may not carry both Content-Length and "
+                                                    "Transfer-Encoding; the connection is closed",
+                                 CLOSE)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 class ConcurrencyGuard:
@@ -187,7 +212,7 @@ class ErrorGuard:
 def guarded_h11(header_timeout_s: float) -> type[H11Protocol]:
     """uvicorn's h11 protocol with a header timeout: a connection with no request being answered
     `header_timeout_s` after it opened (or after its last answer) is closed: it never completed its headers,
-    or it is trickling the rest of a body already answered."""
+    or it is trickling the rest of a body already answered. A request h11 cannot parse gets the JSON error shape."""
 
     class GuardedH11Protocol(H11Protocol):
         _header_timer: asyncio.TimerHandle | None = None
@@ -204,6 +229,16 @@ def guarded_h11(header_timeout_s: float) -> type[H11Protocol]:
             if self._header_timer is not None:
                 self._header_timer.cancel()
             super().connection_lost(exc)
+
+        def send_400_response(self, msg: str) -> None:
+            """h11 could not parse the request: the one JSON error shape instead of uvicorn's text/plain."""
+            body = json.dumps({"error": "BadRequest", "detail": "malformed HTTP request (request line or headers "
+                                                                "could not be parsed); the connection is closed"})
+            headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
+            for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"),
+                          h11.Data(data=body.encode()), h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+            self.transport.close()
 
         def _arm(self) -> None:
             if self._header_timer is not None:

@@ -11,6 +11,7 @@ from fastapi import Request
 from pydantic import BaseModel
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
 
 from .bodies import MAX_ITEMS, MAX_NUMBER_CHARS, parse_json, validate
 from .errors import HttpError
@@ -54,9 +55,31 @@ async def json_body(request: Request, model: type[M]) -> M:
     return validate(model, parse_json(await request.body()))
 
 
+class Utf8MultiPartParser(MultiPartParser):
+    """Starlette's multipart parser, except that a text field that is not UTF-8 is refused (starlette would fall
+    back to Latin-1 and store mojibake such as the id "\xff\xfe")."""
+
+    def on_part_end(self) -> None:
+        part = self._current_part
+        if part.file is None:
+            try:
+                part.data.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise MultiPartException(f"form field {part.field_name!r} is not UTF-8 text (byte {exc.start}); "
+                                         "multipart text fields must be UTF-8") from None
+        super().on_part_end()
+
+
 async def read_form(request: Request) -> FormData:
+    """The form of a multipart (UTF-8 text fields) or URL-encoded body; a malformed one is 400 MalformedBody."""
     try:
+        if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+            parser = Utf8MultiPartParser(request.headers, request.stream(), max_files=MAX_ITEMS,
+                                         max_fields=MAX_ITEMS + 16)
+            return await parser.parse()
         return await request.form(max_files=MAX_ITEMS, max_fields=MAX_ITEMS + 16)
+    except MultiPartException as exc:
+        raise HttpError(400, "MalformedBody", f"malformed multipart body: {exc.message}") from None
     except HTTPException as exc:
         raise HttpError(400, "MalformedBody", f"malformed multipart body: {exc.detail}") from None
 
