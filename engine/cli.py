@@ -45,8 +45,19 @@ def _index_parser(index: argparse.ArgumentParser) -> None:
     what.add_argument("--images", nargs="+", metavar="SOURCE",
                       help="image folders (recursive; id = relative path without suffix), list files of paths, "
                            "cn_clip {split}_imgs.tsv files, WebDataset .tar shards")
-    what.add_argument("--source-kind", choices=["auto", "folder", "list", "tsv", "tar"], default="auto",
-                      help="how to read every SOURCE (auto: by what it is)")
+    what.add_argument("--source-kind", choices=["auto", "folder", "list", "tsv", "tar", "iiif"], default="auto",
+                      help="how to read every SOURCE (auto: by what it is; an http(s) URL or .json is IIIF)")
+    what.add_argument("--iiif", nargs="+", metavar="URL_OR_FILE",
+                      help="IIIF Presentation manifests or collections (v2 or v3; collections followed to their "
+                           "manifests); each canvas's image is fetched through the Image API at the size the "
+                           "model needs; ids are canvas ids")
+    iiif = index.add_argument_group("IIIF fetching (with --iiif)")
+    iiif.add_argument("--iiif-max-manifests", type=int, default=1000, metavar="N",
+                      help="manifests followed from a collection, at most (default 1000)")
+    iiif.add_argument("--iiif-concurrency", type=int, default=8, help="documents fetched at once (default 8)")
+    iiif.add_argument("--iiif-timeout-s", type=float, default=20.0, help="timeout per request (default 20)")
+    iiif.add_argument("--iiif-retries", type=int, default=2, help="retries of a failed request (default 2)")
+    iiif.add_argument("--iiif-max-mb", type=float, default=20.0, help="bytes per image, at most (default 20 MB)")
     what.add_argument("--texts", help="JSON lines {\"text_id\": ..., \"text\": ...}")
     what.add_argument("--features", nargs="+", metavar="FILE",
                       help="embeddings computed elsewhere: cn_clip extract_features.py jsonl, or a .npy "
@@ -91,15 +102,16 @@ def run_index(args: argparse.Namespace) -> int:
     from .distributed import IndexJob, RayOptions, index_collection
     from .features_io import FeatureFile
 
-    if not (args.images or args.texts or args.features):
-        raise EngineError("nothing to index: give --images, --texts and/or --features")
-    if args.ray is not None and not args.images:
-        raise EngineError("--ray distributes image encoding: give --images")
+    if not (args.images or args.iiif or args.texts or args.features):
+        raise EngineError("nothing to index: give --images, --texts and/or --features (or --iiif)")
+    if args.ray is not None and not (args.images or args.iiif):
+        raise EngineError("--ray distributes image encoding: give --images or --iiif")
     ray = None if args.ray is None else RayOptions(
         args.ray, args.workers, gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
         cpus_per_task=args.cpus_per_task, stall_timeout_s=args.stall_timeout_s)
     features = [FeatureFile(path, args.feature_ids, args.feature_kind) for path in args.features or []]
-    job = IndexJob(images=args.images or [], out=args.out, model=args.model, checkpoint=args.checkpoint,
+    job = IndexJob(images=[*(args.images or []), *iiif_sources(args)], out=args.out, model=args.model,
+                   checkpoint=args.checkpoint,
                    random_weights=args.random_weights, laclip=laclip_from_args(args), texts=args.texts,
                    features=features, source_kind=args.source_kind, device=args.device, precision=args.precision,
                    batch_size=args.batch_size, segment_rows=args.segment_rows, publish_every=args.publish_every,
@@ -110,6 +122,21 @@ def run_index(args: argparse.Namespace) -> int:
         print(f"skipped: {problem}", file=sys.stderr)
     print(f"{report.summary()} -> {args.out}")
     return 0
+
+
+def iiif_sources(args: argparse.Namespace) -> list:
+    """The --iiif sources with their fetch settings, at the size the model (and its LACLIP crops) needs."""
+    from .iiif.fetch import FetchPolicy
+    from .iiif.harvest import IiifSource
+    from .iiif.images import needed_side
+    from .models import get_spec
+
+    if not args.iiif:
+        return []
+    policy = FetchPolicy(args.iiif_timeout_s, args.iiif_retries, int(args.iiif_max_mb * (1 << 20)),
+                         concurrency=args.iiif_concurrency)
+    side = needed_side(get_spec(args.model).input_resolution, laclip_from_args(args))
+    return [IiifSource(location, side, args.iiif_max_manifests, policy) for location in args.iiif]
 
 
 def run_search(args: argparse.Namespace) -> int:

@@ -1,5 +1,5 @@
 """Image collections to index: a folder (recursive), a list file of paths, cn_clip's `{split}_imgs.tsv`,
-and WebDataset `.tar` shards.
+WebDataset `.tar` shards, and IIIF manifests and collections (engine.iiif: an http(s) URL or a local `.json`).
 
 Listing is cheap and runs once, on the driver: every image becomes an `ImageRef` (its id, where its bytes
 are, its payload). The bytes are read later, in the prepare stage (a Ray task or the single process), so
@@ -9,10 +9,11 @@ TSV line; nothing is dropped without being reported.
 Ids: a folder's images follow engine.gallery's folder-id rule (`cats/001.jpg` has id `"cats/001"`, a file
 directly inside the folder its stem; `--gallery` gives the same); a list file's line
 `path` has the file stem (or the id after a tab: `path<TAB>id`); a TSV row its first column; a tar
-sample its WebDataset key (`dir/name` before the first dot of the member name).
+sample its WebDataset key (`dir/name` before the first dot of the member name); a IIIF canvas its canvas id.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import tarfile
@@ -22,25 +23,28 @@ from typing import Literal, Sequence
 
 from .errors import ImageDecodeError, InputError
 from .gallery import IMAGE_SUFFIXES, folder_images
+from .iiif.fetch import FetchPolicy, fetch_image
+from .iiif.harvest import IiifSource, list_iiif, looks_like_iiif
 from .payloads import image_payloads
 from .records import DatasetError, ImageRecord, Problem
 from .records import read_tsv as read_tsv_rows
 
-SourceKind = Literal["auto", "folder", "list", "tsv", "tar"]
+SourceKind = Literal["auto", "folder", "list", "tsv", "tar", "iiif"]
 TAR_IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")  # preference order in a sample
 _WDS_KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]+)$")  # WebDataset: key = path up to the basename's first dot
 
-__all__ = ["Collection", "DatasetError", "ImageRef", "Problem", "list_collection", "list_source"]
+__all__ = ["Collection", "DatasetError", "IiifSource", "ImageRef", "Problem", "list_collection", "list_source"]
 
 
 @dataclass(frozen=True)
 class ImageRef:
-    """Where one image's bytes are: a whole file, a tar member (offset + size), or a TSV row (offset)."""
+    """Where one image's bytes are: a whole file, a tar member (offset + size), a TSV row (offset), or a IIIF image
+    (`file`: the JSON of its URL and fetch policy, so a Ray task fetches it as the driver would; `where`: its canvas)."""
 
     id: str
     where: str
     file: str
-    kind: Literal["file", "tar", "tsv"] = "file"
+    kind: Literal["file", "tar", "tsv", "iiif"] = "file"
     offset: int = -1
     size: int = -1
     line: int | None = None
@@ -50,6 +54,9 @@ class ImageRef:
         """A path for a file (decoding names it), else the member's or row's bytes; ImageDecodeError if unreadable."""
         if self.kind == "file":
             return Path(self.file)
+        if self.kind == "iiif":
+            request = json.loads(self.file)
+            return fetch_image(request["url"], FetchPolicy(**request["fetch"]))
         if self.kind == "tsv":
             try:
                 return ImageRecord(self.id, Path(self.file), self.line, self.offset).source()
@@ -70,7 +77,7 @@ class ImageRef:
         message = str(exc)
         if self.kind == "file" and message.startswith(self.file):  # load_image already named the path
             message = message[len(self.file):].lstrip(": ")
-        file = self.where if self.kind == "tar" else self.file
+        file = self.where if self.kind in ("tar", "iiif") else self.file
         return Problem(file, self.line, "undecodable", f"image {self.id!r}: {message}")
 
 
@@ -94,7 +101,7 @@ def list_collection(sources: Sequence[str | Path], kind: SourceKind = "auto") ->
         problems.extend(listed.problems)
         for ref in listed.images:
             if ref.id in first:
-                problems.append(Problem(ref.where if ref.kind == "tar" else ref.file, ref.line, "duplicate",
+                problems.append(Problem(ref.where if ref.kind in ("tar", "iiif") else ref.file, ref.line, "duplicate",
                                         f"duplicate image id {ref.id!r} (first at {first[ref.id].where})"))
                 continue
             first[ref.id] = ref
@@ -102,8 +109,13 @@ def list_collection(sources: Sequence[str | Path], kind: SourceKind = "auto") ->
     return Collection(images, problems)
 
 
-def list_source(source: str | Path, kind: SourceKind = "auto") -> Collection:
-    """The images of one source; `kind="auto"` picks by what it is: a folder, `.tsv`, `.tar`, else a list file."""
+def list_source(source: str | Path | IiifSource, kind: SourceKind = "auto") -> Collection:
+    """The images of one source; `kind="auto"` picks by what it is: a folder, `.tsv`, `.tar`, an http(s) URL or
+    `.json` (IIIF), else a list file. An IiifSource carries its own IIIF settings (engine.iiif.harvest)."""
+    if isinstance(source, IiifSource):
+        return _list_iiif(source)
+    if kind == "iiif" or (kind == "auto" and looks_like_iiif(str(source))):
+        return _list_iiif(IiifSource(str(source)))
     path = Path(source)
     if not path.exists():
         raise InputError(f"image source not found: {path}")
@@ -121,7 +133,7 @@ def list_source(source: str | Path, kind: SourceKind = "auto") -> Collection:
         return _list_tar(path)
     if kind == "list":
         return _list_file(path)
-    raise InputError(f"source kind must be auto, folder, list, tsv or tar, got {kind!r}")
+    raise InputError(f"source kind must be auto, folder, list, tsv, tar or iiif, got {kind!r}")
 
 
 def _detect(path: Path) -> str:
@@ -171,6 +183,15 @@ def _list_file(path: Path) -> Collection:
             continue
         images.append(ImageRef(image_id, f"{image}", str(image), line=number, payload={"source": name}))
     return Collection(images, problems)
+
+
+def _list_iiif(source: IiifSource) -> Collection:
+    """The canvases of a IIIF manifest or collection, each fetched later (in the prepare stage) by its "iiif" ref."""
+    listing = list_iiif(source)
+    fetch = dataclasses.asdict(source.fetch)
+    images = [ImageRef(c.id, c.id, json.dumps({"url": c.url, "fetch": fetch}), "iiif", payload=c.payload)
+              for c in listing.canvases]
+    return Collection(images, listing.problems)
 
 
 def _list_tar(path: Path) -> Collection:
