@@ -26,7 +26,9 @@ from .backends.export_reader import BACKENDS
 from .device_views import DeviceViewMaker
 from .errors import IndexFormatError, InputError
 from .ids import Id, check_ids, default_ids, id_key
-from .index import AnnConfig, Index, IndexManifest, Snapshot
+from .duplicates import DEFAULT_DUPLICATE_THRESHOLD, DuplicateGroups, check_threshold, find_duplicates, groups_json
+from .evidence import crop_evidence
+from .index import AnnConfig, ImageRows, Index, IndexManifest, Snapshot
 from .index.search import Found
 from .index.thumbnails import make_thumbnail
 from .laclip import LaclipConfig, ScoreConfig, crop_boxes
@@ -39,11 +41,13 @@ VIEW_PATHS = ("auto", "pil", "device")  # how images become views: see Retriever
 
 
 class Hit(NamedTuple):
-    """One search result: the id, its score and its payload (a dict, or None)."""
+    """One search result: the id, its score, its payload (a dict, or None) and, when asked for with
+    `explain=True` on a LACLIP index, its crop evidence (engine.evidence)."""
 
     id: Id
     score: float
     payload: dict[str, Any] | None = None
+    evidence: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -62,10 +66,12 @@ class ImageEmbeddings:
 @dataclass(frozen=True)
 class PreparedImages:
     """What the image encoder needs for a batch: normalised views [n, 1 + K, 3, R, R] float32 (the global view,
-    then the LACLIP crops), and each image's ~256 px JPEG thumbnail when they were asked for."""
+    then the LACLIP crops), each image's ~256 px JPEG thumbnail when they were asked for, and its geometry
+    [n, 3] (width, height, crop seed: where its crops lie) when known."""
 
     views: torch.Tensor
     thumbnails: list[bytes] | None
+    geometry: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -104,6 +110,8 @@ class Retriever:
         device = encoder_device(encoder)
         self.index = Index(self._manifest(dtype, ann or AnnConfig()), device=device)
         self.device_views = self._device_views(views, device)
+        self.duplicate_threshold = DEFAULT_DUPLICATE_THRESHOLD  # what collapse="duplicates" groups by
+        self._groups: tuple[tuple, DuplicateGroups] | None = None  # duplicate_groups' cache: one commit's
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path | None = None, model: str = "ViT-B-16", device: str = "cpu",
@@ -225,7 +233,19 @@ class Retriever:
         views = [self.transform.normalise(self.resized_views(image)) for image in decoded]
         size = self.transform.resolution
         stacked = torch.stack(views) if views else torch.zeros((0, self.views_per_image, 3, size, size))
-        return PreparedImages(stacked, [make_thumbnail(image) for image in decoded] if thumbnails else None)
+        geometry = np.array([(image.width, image.height, self._crop_seed(image)) for image in decoded],
+                            np.int64).reshape(-1, 3)
+        return PreparedImages(stacked, [make_thumbnail(image) for image in decoded] if thumbnails else None,
+                              geometry)
+
+    def _crop_seed(self, image: Any) -> int:
+        """The per-image seed crop_boxes places random crops with (0 where it is not used)."""
+        return content_seed(image) if self.laclip is not None and self.laclip.crop_mode == "random" else 0
+
+    def region(self, image: ImageInput, box: Sequence[float]) -> Any:
+        """The decoded image cut to `box` = [x0, y0, x1, y1] in its pixels (a region query encodes only that)."""
+        decoded = load_image(image, self.max_pixels)
+        return decoded.crop(check_box(box, decoded.width, decoded.height))
 
     def resized_views(self, image: ImageInput) -> torch.Tensor:
         """[1 + K, 3, R, R] uint8: the views of `prepare_images` before normalisation (`self.transform.normalise`),
@@ -264,16 +284,19 @@ class Retriever:
         out = [self.encode_tokens(self.prepare_texts(chunk).ids) for chunk in self._batches(texts, "texts")]
         return np.concatenate(out) if out else np.zeros((0, self.encoder.embed_dim), np.float32)
 
-    def encode_image_views(self, images: Sequence[ImageInput], *,
-                           thumbnails: list[bytes] | None = None) -> ImageEmbeddings:
+    def encode_image_views(self, images: Sequence[ImageInput], *, thumbnails: list[bytes] | None = None,
+                           geometry: list[np.ndarray | None] | None = None) -> ImageEmbeddings:
         """Global and crop embeddings; each decoded image's crops are seeded by its content. Images are prepared
-        one batch at a time; `thumbnails`, when given, receives each image's thumbnail."""
+        one batch at a time; `thumbnails` and `geometry`, when given, receive each batch's thumbnails and
+        geometry."""
         images = _as_list(images, None)
         grouped = []
         for chunk in self._batches(images, "images"):
             prepared = self.prepare_images(chunk, thumbnails=thumbnails is not None)
             if thumbnails is not None:
                 thumbnails.extend(prepared.thumbnails)
+            if geometry is not None:
+                geometry.append(prepared.geometry)
             grouped.append(self.encode_views(prepared.views))
         views = np.concatenate(grouped) if grouped else np.zeros((0, self.views_per_image, self.encoder.embed_dim),
                                                                  np.float32)
@@ -298,8 +321,10 @@ class Retriever:
         ids = self.new_ids(names, ids, "images")
         payloads = check_payloads(payloads, len(images))
         thumbs: list[bytes] = []
-        emb = self.encode_image_views(images, thumbnails=thumbs)
-        return self.store_images(emb, names, ids, payloads, thumbs)
+        geometry: list[np.ndarray | None] = []
+        emb = self.encode_image_views(images, thumbnails=thumbs, geometry=geometry)
+        known = None if any(g is None for g in geometry) else np.concatenate(geometry)
+        return self.store_images(emb, names, ids, payloads, thumbs, known)
 
     def add_texts(self, texts: Sequence[str], ids: Sequence[Id] | None = None,
                   payloads: Sequence[dict | None] | None = None) -> list[Id]:
@@ -312,13 +337,14 @@ class Retriever:
     # ---- add (the last stage of add_images / add_texts, and what the server's writer runs) ------------------
 
     def store_images(self, emb: ImageEmbeddings, names: Sequence[str | None], ids: Sequence[Id] | None = None,
-                     payloads: Sequence[dict | None] | None = None,
-                     thumbnails: Sequence[bytes | None] | None = None) -> list[Id]:
+                     payloads: Sequence[dict | None] | None = None, thumbnails: Sequence[bytes | None] | None = None,
+                     geometry: np.ndarray | None = None) -> list[Id]:
         """Index encoded images durably. `names`: each image's file name (its payload "source" and default id
         stem) or None; ids default as `new_ids` gives them (taken here, so a caller holding its write lock gets
-        counters no other write takes)."""
+        counters no other write takes); `geometry` [n, 3] (PreparedImages.geometry) places crop evidence."""
         ids = self.new_ids(names, ids, "images")
-        return self.index.add_images(ids, emb.global_, emb.crops, image_payloads(names, payloads), thumbnails)
+        return self.index.add(images=ImageRows(ids, emb.global_, emb.crops, image_payloads(names, payloads),
+                                               thumbnails, geometry))
 
     def store_texts(self, texts: Sequence[str], embeddings: np.ndarray, ids: Sequence[Id] | None = None,
                     payloads: Sequence[dict | None] | None = None) -> list[Id]:
@@ -384,40 +410,49 @@ class Retriever:
 
     def search_images(self, query: str | Sequence[str], k: int = 10, *, exact: bool = False,
                       score: ScoreConfig | None = None, where: dict | None = None,
-                      negative: str | Sequence[str] | None = None,
-                      negative_weight: float = 0.5) -> list[Hit] | list[list[Hit]]:
+                      negative: str | Sequence[str] | None = None, negative_weight: float = 0.5,
+                      explain: bool = False, collapse: str | None = None) -> list[Hit] | list[list[Hit]]:
         """Text -> image. A str gives its hits; a list of str gives one list of hits per query. `where`: a payload
-        filter; `negative`: text(s) whose best score, times `negative_weight`, is subtracted from each image's."""
+        filter; `negative`: text(s) whose best score, times `negative_weight`, is subtracted from each image's;
+        `explain`: crop evidence on each hit; `collapse="duplicates"`: the best hit of each near-duplicate group."""
         single = isinstance(query, str)
         queries = [query] if single else _as_list(query, str)
         check_k(k, self.index.snapshot().live("images"), "images")
         negatives = None if negative is None else self.encode_texts(_negative_texts(negative))
         hits = self.search_image_embeddings(self.encode_texts(queries), k, exact=exact, score=score, where=where,
-                                            negative=negatives, negative_weight=negative_weight)
+                                            negative=negatives, negative_weight=negative_weight, explain=explain,
+                                            collapse=collapse)
         return hits[0] if single else hits
 
     def search_texts(self, image: ImageInput | Sequence[ImageInput], k: int = 10, *, exact: bool = False,
-                     score: ScoreConfig | None = None, where: dict | None = None) -> list[Hit] | list[list[Hit]]:
-        """Image -> text. One image gives its hits; a list of images gives one list of hits per image."""
+                     score: ScoreConfig | None = None, where: dict | None = None,
+                     box: Sequence[float] | None = None) -> list[Hit] | list[list[Hit]]:
+        """Image -> text. One image gives its hits; a list of images gives one list of hits per image. `box`
+        [x0, y0, x1, y1] (pixels): only that region of each image is encoded."""
         single = not isinstance(image, (list, tuple))
         images = [image] if single else list(image)
         check_k(k, self.index.snapshot().live("texts"), "texts")
+        if box is not None:
+            images = [self.region(item, box) for item in images]
         emb = self.encode_image_views(images)
         hits = self.search_text_embeddings(emb.global_, emb.crops, k, exact=exact, score=score, where=where)
         return hits[0] if single else hits
 
     def search_image_embeddings(self, text_vectors: np.ndarray, k: int = 10, *, exact: bool = False,
                                 score: ScoreConfig | None = None, where: dict | None = None,
-                                negative: np.ndarray | None = None,
-                                negative_weight: float = 0.5) -> list[list[Hit]]:
+                                negative: np.ndarray | None = None, negative_weight: float = 0.5,
+                                explain: bool = False, collapse: str | None = None) -> list[list[Hit]]:
         """Top-k images for each text vector [Q, D] (L2-normalised) under `score` (None: the retriever's own);
-        `negative`: text vectors [N, D] subtracted as in search_images."""
+        `negative`: text vectors [N, D]; the other options as in search_images."""
         t = _query_vectors(text_vectors, self.encoder.embed_dim, "text vectors")
         snap = self.index.snapshot()
         check_k(k, snap.live("images"), "images")
-        found = self.index.search_images(t, k, score=self._score(score), exact=exact, snapshot=snap, where=where,
-                                         negative=negative, negative_weight=negative_weight)
-        return to_hits(found, snap, "images")
+        score = self._score(score)
+        return self._image_hits(
+            t, k, snap, lambda n: self.index.search_images(t, n, score=score, exact=exact, snapshot=snap,
+                                                           where=where, negative=negative,
+                                                           negative_weight=negative_weight),
+            score=score, explain=explain, collapse=collapse)
 
     def search_text_embeddings(self, global_: np.ndarray, crops: np.ndarray | None = None, k: int = 10, *,
                                exact: bool = False, score: ScoreConfig | None = None,
@@ -431,33 +466,98 @@ class Retriever:
         return to_hits(found, snap, "texts")
 
     def search_similar(self, id_or_image: Id | ImageInput, k: int = 10, *, exact: bool = False,
-                       where: dict | None = None) -> list[Hit]:
+                       where: dict | None = None, box: Sequence[float] | None = None, against: str = "global",
+                       explain: bool = False, collapse: str | None = None) -> list[Hit]:
         """Image -> image by global embeddings. An indexed id uses its stored vector (nothing re-encoded) and is
-        left out of its own hits; anything else is an image (path, bytes, PIL)."""
+        left out of its own hits; anything else is an image (path, bytes, PIL), cut to `box` when given.
+        `against="crops"`: each image scores by its best-matching crop (a fragment finds what contains it)."""
         snap = self.index.snapshot()
         by_id = isinstance(id_or_image, (int, str)) and not isinstance(id_or_image, bool) and \
             snap.contains("images", id_key(id_or_image))
+        options = dict(exact=exact, where=where, against=against, explain=explain, collapse=collapse)
         if by_id:
+            if box is not None:
+                raise InputError("box cuts a query image; a stored id is searched by its stored vector")
             vector, _ = self.index.vector("images", id_or_image)
             check_k(k, snap.live("images") - 1, "other images")
-            found = self.index.search_images(vector[None], k + 1, score=None, exact=exact, snapshot=snap,
-                                             where=where)[0]
-            hits = [h for h in to_hits([found], snap, "images")[0] if id_key(h.id) != id_key(id_or_image)]
-            return hits[:k]
+            itself = snap.locate("images", id_key(id_or_image))
+            return self._similar(vector[None], k, snap, exclude=itself, **options)[0]
         if isinstance(id_or_image, int) and not isinstance(id_or_image, bool):
             raise InputError(f"unknown image id {id_or_image!r}")
         check_k(k, snap.live("images"), "images")
-        return self.search_similar_embeddings(self.encode_images([id_or_image]), k, exact=exact, where=where)[0]
+        image = id_or_image if box is None else self.region(id_or_image, box)
+        return self._similar(self.encode_images([image]), k, snap, **options)[0]
 
     def search_similar_embeddings(self, global_: np.ndarray, k: int = 10, *, exact: bool = False,
-                                  where: dict | None = None) -> list[list[Hit]]:
+                                  where: dict | None = None, against: str = "global", explain: bool = False,
+                                  collapse: str | None = None) -> list[list[Hit]]:
         """Top-k images for each query image's global vector [Q, D]: plain CLIP (global vectors alone) whatever
-        the scoring settings, as image -> image compares like with like."""
+        the scoring settings, as image -> image compares like with like; or, against="crops", by best crop."""
         g = _query_vectors(global_, self.encoder.embed_dim, "image vectors")
         snap = self.index.snapshot()
         check_k(k, snap.live("images"), "images")
-        found = self.index.search_images(g, k, score=None, exact=exact, snapshot=snap, where=where)
-        return to_hits(found, snap, "images")
+        return self._similar(g, k, snap, exact=exact, where=where, against=against, explain=explain,
+                             collapse=collapse)
+
+    def _similar(self, g: np.ndarray, k: int, snap: Snapshot, *, exact: bool, where: dict | None, against: str,
+                 explain: bool, collapse: str | None, exclude: tuple[int, int] | None = None) -> list[list[Hit]]:
+        if against not in AGAINST:
+            raise InputError(f"against must be one of {', '.join(AGAINST)}, got {against!r}")
+        if against == "crops":
+            def search(n: int) -> list[Found]:
+                return self.index.search_crops(g, n, snapshot=snap, where=where)
+        else:
+            def search(n: int) -> list[Found]:
+                return self.index.search_images(g, n, score=None, exact=exact, snapshot=snap, where=where)
+        return self._image_hits(g, k, snap, search, score=None, explain=explain, collapse=collapse,
+                                against_crops=against == "crops", exclude=exclude)
+
+    def _image_hits(self, q: np.ndarray, k: int, snap: Snapshot, search: Any, *, score: ScoreConfig | None,
+                    explain: bool, collapse: str | None, against_crops: bool = False,
+                    exclude: tuple[int, int] | None = None) -> list[list[Hit]]:
+        """`search(n)`'s top hits, without `exclude` (a query's own row), the best of each duplicate group with
+        `collapse`, evidence with `explain`; at most k per query."""
+        if collapse not in COLLAPSE:
+            raise InputError(f"collapse must be None or 'duplicates', got {collapse!r}")
+        if not isinstance(explain, bool):
+            raise InputError(f"explain must be true or false, got {explain!r}")
+        groups = self.duplicate_groups(snap, self.duplicate_threshold) if collapse else None
+        extra = min(MAX_COLLAPSED, sum(len(g) - 1 for g in groups.groups)) if groups else 0
+        wanted = min(snap.live("images"), k + extra + (exclude is not None))
+        found = [_kept(f, k, exclude, groups.group_of() if groups else None) for f in search(wanted)]
+        hits = to_hits(found, snap, "images")
+        if not explain or not self.index.has_crops:
+            return hits
+        return [self._explained(h, f, snap, q[i], score, against_crops) for i, (h, f) in enumerate(zip(hits, found))]
+
+    def _explained(self, hits: list[Hit], found: Found, snap: Snapshot, q: np.ndarray, score: ScoreConfig | None,
+                   against_crops: bool) -> list[Hit]:
+        parts = [snap.part_at("images", int(p)) for p in found.positions]
+        rows = [int(r) for r in found.rows]
+        if not rows:
+            return hits
+        g = np.stack([np.asarray(part.vectors[r], np.float32) for part, r in zip(parts, rows)])
+        c = np.stack([np.asarray(part.crops[r], np.float32) for part, r in zip(parts, rows)])
+        geometry = np.concatenate([part.geometry_rows(np.array([r])) for part, r in zip(parts, rows)])
+        evidence = crop_evidence(q, g, c, geometry, snap.manifest.laclip.crops, score, against_crops)
+        return [h._replace(evidence=e) for h, e in zip(hits, evidence)]
+
+    def duplicate_groups(self, snapshot: Snapshot | None = None,
+                         threshold: float = DEFAULT_DUPLICATE_THRESHOLD) -> DuplicateGroups:
+        """Near-duplicate groups of the live images (engine.duplicates), computed once per commit and threshold."""
+        snap = snapshot or self.index.snapshot()
+        key = (snap.generation, id(snap.segments), check_threshold(threshold))
+        cached = self._groups
+        if cached is None or cached[0] != key:
+            cached = self._groups = (key, find_duplicates(snap, threshold))
+        return cached[1]
+
+    def duplicates(self, threshold: float = DEFAULT_DUPLICATE_THRESHOLD, limit: int | None = None) -> dict[str, Any]:
+        """{"threshold", "groups": [{"size", "members": [id, ...]}] (largest first), "images"}."""
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise InputError(f"limit must be a positive int, got {limit!r}")
+        snap = self.index.snapshot()
+        return groups_json(self.duplicate_groups(snap, threshold), snap, limit)
 
     def _score(self, score: ScoreConfig | LaclipConfig | None) -> ScoreConfig | None:
         """The scoring for one call: `score`, else the retriever's own (None: plain CLIP)."""
@@ -466,6 +566,42 @@ class Retriever:
         if score is not None and not isinstance(score, ScoreConfig):
             raise InputError(f"score must be a ScoreConfig, got {type(score).__name__}")
         return score if score is not None else (self.laclip.score if self.laclip else None)
+
+
+AGAINST = ("global", "crops")
+COLLAPSE = (None, "duplicates")
+MAX_COLLAPSED = 1000  # extra hits fetched so that collapsing still leaves k (more duplicates: fewer hits)
+MAX_NEGATIVES = 64
+
+
+def _kept(found: Found, k: int, exclude: tuple[int, int] | None,
+          group_of: dict[tuple[int, int], int] | None) -> Found:
+    """The first k hits that are not `exclude`, and (with `group_of`) not behind a better hit of their group."""
+    keep, seen = [], set()
+    for i, (p, r) in enumerate(zip(found.positions.tolist(), found.rows.tolist())):
+        if (p, r) == exclude:
+            continue
+        group = group_of.get((p, r)) if group_of else None
+        if group is not None:
+            if group in seen:
+                continue
+            seen.add(group)
+        keep.append(i)
+        if len(keep) == k:
+            break
+    return Found(found.scores[keep], found.positions[keep], found.rows[keep])
+
+
+def check_box(box: Any, width: int, height: int) -> tuple[int, int, int, int]:
+    """[x0, y0, x1, y1] (numbers, rounded to pixels) inside a width x height image, with x0 < x1 and y0 < y1."""
+    if (not isinstance(box, (list, tuple)) or len(box) != 4
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)):
+        raise InputError(f"box must be [x0, y0, x1, y1] (4 numbers, pixels), got {box!r}")
+    x0, y0, x1, y1 = (int(round(v)) for v in box)
+    if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+        raise InputError(f"box {list(box)} is not a non-empty region inside the {width}x{height} image "
+                         "(0 <= x0 < x1 <= width, 0 <= y0 < y1 <= height)")
+    return x0, y0, x1, y1
 
 
 def check_k(k: int, size: int, what: str) -> None:
@@ -501,8 +637,9 @@ def to_hits(found: list[Found], snap: Snapshot, kind: str) -> list[list[Hit]]:
 def _negative_texts(negative: str | Sequence[str]) -> list[str]:
     """One negative text or a non-empty list of them."""
     texts = [negative] if isinstance(negative, str) else _as_list(negative, str)
-    if not texts or not all(isinstance(t, str) and t for t in texts):
-        raise InputError(f"negative must be a non-empty text or a non-empty list of them, got {negative!r}")
+    if not texts or len(texts) > MAX_NEGATIVES or not all(isinstance(t, str) and t for t in texts):
+        raise InputError(f"negative must be a non-empty text or a list of 1..{MAX_NEGATIVES} of them, "
+                         f"got {negative!r}")
     return texts
 
 

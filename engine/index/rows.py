@@ -28,13 +28,15 @@ _CHECK_ROWS = 65536
 
 @dataclass(frozen=True)
 class ImageRows:
-    """Images to store: global [n, D], crops [n, K, D] for a LACLIP index, optional payloads and JPEG thumbnails."""
+    """Images to store: global [n, D], crops [n, K, D] for a LACLIP index, optional payloads and JPEG thumbnails,
+    and optional geometry [n, 3] (width, height, crop seed of each decoded image: its crop boxes, for evidence)."""
 
     ids: Sequence[Id]
     global_: np.ndarray
     crops: np.ndarray | None = None
     payloads: Sequence[dict[str, Any] | None] | None = None
     thumbnails: Sequence[bytes | None] | None = None
+    geometry: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,7 @@ class CheckedRows:
     crops: np.ndarray | None
     payloads: list[bytes]
     thumbnails: list[bytes] | None
+    geometry: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -75,7 +78,8 @@ def check_image_rows(rows: ImageRows, manifest: IndexManifest,
     elif rows.crops is not None:
         raise InputError("this index has no LACLIP crops; pass crops=None")
     thumbnails = None if rows.thumbnails is None else check_thumbnails(rows.thumbnails, n)
-    return CheckedRows("images", ids, vectors, crops, encode_payloads(rows.payloads, n), thumbnails)
+    geometry = None if rows.geometry is None else check_geometry(rows.geometry, n)
+    return CheckedRows("images", ids, vectors, crops, encode_payloads(rows.payloads, n), thumbnails, geometry)
 
 
 def check_text_rows(rows: TextRows, manifest: IndexManifest,
@@ -143,6 +147,22 @@ def encode_payloads(payloads: Sequence[Any] | None, n: int) -> list[bytes]:
 
 def decode_payload(data: bytes) -> dict[str, Any] | None:
     return json.loads(data) if data else None
+
+
+def check_geometry(geometry: Any, n: int) -> np.ndarray:
+    """int64 [n, 3]: width and height (>= 1, or 0 0 for unknown) and a crop seed (>= 0) per image."""
+    try:
+        array = np.asarray(geometry)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"geometry: not an array ({exc})") from None
+    if array.shape != (n, 3) or array.dtype.kind not in "iu":
+        raise InputError(f"geometry: expected integers of shape [{n}, 3], got {array.dtype} {list(array.shape)}")
+    array = array.astype(np.int64)
+    bad = (array < 0).any(axis=1) | ((array[:, 0] == 0) != (array[:, 1] == 0))
+    if bad.any():
+        raise InputError(f"geometry row #{int(np.argmax(bad))} is not (width, height, seed) >= 0: "
+                         f"{array[int(np.argmax(bad))].tolist()}")
+    return array
 
 
 def check_thumbnails(thumbnails: Sequence[Any], n: int) -> list[bytes]:

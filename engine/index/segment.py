@@ -45,7 +45,8 @@ class SegmentRef:
 
 @dataclass(frozen=True)
 class PartSource:
-    """Rows of one kind about to be written: ids, vectors and crops (streamed), encoded payloads, thumbnails."""
+    """Rows of one kind about to be written: ids, vectors and crops (streamed), encoded payloads, thumbnails, and
+    image geometry [n, 3] (width, height, crop seed) when known."""
 
     kind: str
     ids: list[Id]
@@ -53,11 +54,13 @@ class PartSource:
     crops: RowStream | None
     payloads: list[bytes]
     thumbnails: list[bytes] | None
+    geometry: np.ndarray | None = None
 
     @classmethod
     def of(cls, rows: CheckedRows, dtype: str) -> "PartSource":
         crops = RowStream.of(rows.crops, dtype) if rows.crops is not None else None
-        return cls(rows.kind, rows.ids, RowStream.of(rows.vectors, dtype), crops, rows.payloads, rows.thumbnails)
+        return cls(rows.kind, rows.ids, RowStream.of(rows.vectors, dtype), crops, rows.payloads, rows.thumbnails,
+                   rows.geometry)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -108,6 +111,8 @@ def part_columns(source: PartSource, ann: AnnConfig, build_ann: bool) -> tuple[d
     columns["payload_data"], columns["payload_offsets"] = Blobs.columns(source.payloads)
     if source.thumbnails is not None and any(source.thumbnails):
         columns["thumb_data"], columns["thumb_offsets"] = Blobs.columns(source.thumbnails)
+    if source.geometry is not None:
+        columns["geometry"] = np.ascontiguousarray(source.geometry, np.int64)
     return columns, meta
 
 
@@ -138,6 +143,7 @@ class Part:
         self._id_int, self._id_hash, self._id_order = columns["id_int"], columns["id_hash"], columns["id_order"]
         self._payloads = Blobs(columns["payload_data"], columns["payload_offsets"])
         self._thumbs = Blobs(columns["thumb_data"], columns["thumb_offsets"]) if "thumb_data" in columns else None
+        self.geometry = columns.get("geometry")  # [n, 3] width, height, crop seed; absent in older segments
         self.ann = _candidates(kind, columns, meta, where)
         self._pooled: dict[tuple[float, float], np.ndarray] = {}
         self._max_int: int | None = None
@@ -146,6 +152,8 @@ class Part:
                    "id_offsets": len(self._ids.offsets) - 1, "payload_offsets": len(self._payloads.offsets) - 1}
         if self.crops is not None:
             lengths["crops"] = len(self.crops)
+        if self.geometry is not None:
+            lengths["geometry"] = len(self.geometry)
         for name, length in lengths.items():
             if length != self.rows:
                 raise IndexFormatError(f"{where}: {kind}.{name} has {length} rows, expected {self.rows}")
@@ -189,6 +197,12 @@ class Part:
 
     def thumbnail_bytes(self) -> list[bytes] | None:
         return self._thumbs.all() if self._thumbs is not None else None
+
+    def geometry_rows(self, rows: np.ndarray) -> np.ndarray:
+        """[len(rows), 3] geometry of `rows`; zeros (unknown) where this part recorded none."""
+        if self.geometry is None:
+            return np.zeros((len(rows), 3), np.int64)
+        return np.asarray(self.geometry[rows], np.int64)
 
     def pooled(self, score: ScoreConfig, pool: Any) -> np.ndarray:
         """Pooled vectors of every row for (tau, alpha) in the storage dtype, computed on first use and cached
