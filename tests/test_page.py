@@ -256,12 +256,13 @@ def page_laclip(api) -> dict:
 
 def expected_caption(hit: dict, with_pairs: bool = True) -> str:
     """What a card should say: the first paired text (by text id; only when the server can list them), else the
-    payload's text, caption or source, else the id."""
+    payload's text, caption or title, else its source, else the id."""
     paired = [text for _, text, ids in sorted(PAIRED_TEXTS) if with_pairs and str(hit["id"]) in ids]
     if paired:
         return paired[0]
     payload = hit.get("payload") or {}
-    return next((payload[k] for k in ("text", "caption", "source") if isinstance(payload.get(k), str)), str(hit["id"]))
+    return next((payload[k] for k in ("text", "caption", "title", "source") if isinstance(payload.get(k), str)),
+                str(hit["id"]))
 
 
 def set_page_size(driver, size: int) -> None:
@@ -599,10 +600,16 @@ def test_hit_view_iiif_links(browser, server, api):
              for a in browser.find_elements(By.CSS_SELECTOR, "#hit-iiif a")}
     assert links == {"image": (iiif["image"], "IIIF 图像 image"), "region": (iiif["region"], "区域 region"),
                      "viewer": (iiif["viewer"], "在查看器中打开 open in viewer")}
-    assert "canvas#xywh" not in iiif["canvas"] or iiif["canvas"] in browser.find_element(By.ID, "hit-view").text
+    assert iiif["canvas"] in browser.find_element(By.ID, "hit-view").text
     # the IIIF full image answers 404 here: the picture stays the (loaded) thumbnail
     assert browser.execute_script("return document.getElementById('hit-image').dataset.source") == "thumbnail"
     browser.find_element(By.ID, "hit-close").click()
+    # payload URLs become links only when they are http(s): never javascript: or data:
+    allowed = browser.execute_async_script("""
+        const done = arguments[arguments.length - 1];
+        import('/static/dom.js').then(m => done(arguments[0].map(m.safeHttpUrl)));""",
+        ["javascript:alert(1)", "data:text/html,x", " JavaScript:alert(1)", "/viewer?m=1", iiif["viewer"]])
+    assert allowed == [None, None, None, f"{server.url}/viewer?m=1", iiif["viewer"]]
 
 
 def test_odd_ids_are_encoded_in_every_url(browser, server, api):

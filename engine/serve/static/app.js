@@ -242,13 +242,13 @@ function pairedCaptions(id) {
   return state.paired.get(String(id)) || [];
 }
 
-/** What a card says: a paired caption (a text whose image_ids name the image), else the payload's text or
- *  caption, else its source file name, else the id. */
+/** What a card says: a paired caption (a text whose image_ids name the image), else the payload's text,
+ *  caption (WebDataset) or title (IIIF), else its source, else the id. */
 function caption(hit) {
   const paired = pairedCaptions(hit.id);
   if (paired.length) return paired[0];
   const payload = hit.payload || {};
-  for (const key of ["text", "caption", "source"]) {
+  for (const key of ["text", "caption", "title", "source"]) {
     if (typeof payload[key] === "string") return payload[key];
   }
   return String(hit.id);

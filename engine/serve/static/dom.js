@@ -29,12 +29,13 @@ export function bilingual(zh, en) {
   return [`${zh} `, el("span", { lang: "en" }, en)];
 }
 
-/** `value` as an absolute http(s) URL string, or null: payload URLs become links or image sources only when
- *  they cannot run script (no `javascript:` or `data:`). */
+/** `value` (absolute, or a path on this server such as a `--iiif-viewer` pattern's) as an absolute http(s) URL
+ *  string, or null: payload URLs become links or image sources only when they cannot run script (no
+ *  `javascript:` or `data:`). */
 export function safeHttpUrl(value) {
   if (typeof value !== "string") return null;
   try {
-    const url = new URL(value);
+    const url = new URL(value, window.location.href);
     return url.protocol === "http:" || url.protocol === "https:" ? url.href : null;
   } catch (_) {
     return null;

@@ -11,6 +11,7 @@ import { evidenceList, evidenceOverlay } from "./evidence.js";
 const BEST_TEXTS = 5;
 let opener = null;
 let generation = 0;
+let ownUrl = null; // an object URL the view made for its picture (revoked when it closes)
 
 function section(title, ...children) {
   return el("section", { class: "hit-section" }, el("h3", {}, ...title), ...children);
@@ -108,7 +109,7 @@ export function openHitView(hit, context) {
   const overlay = evidenceOverlay(hit.evidence);
   if (overlay) frame.append(overlay.svg, overlay.label);
   if (context.thumbUrl) img.src = context.thumbUrl;
-  else blob.then((b) => { if (img.isConnected) img.src = URL.createObjectURL(b); }, () => {});
+  else blob.then((b) => { if (token === generation) img.src = ownUrl = URL.createObjectURL(b); }, () => {});
   img.dataset.source = "thumbnail";
   preferIiifImage(img, hit.payload && hit.payload.iiif);
 
@@ -143,6 +144,8 @@ export function setupHitView() {
   $("hit-close").addEventListener("click", closeHitView);
   $("hit-view").addEventListener("close", () => {
     generation++;
+    if (ownUrl) URL.revokeObjectURL(ownUrl);
+    ownUrl = null;
     if (opener && opener.isConnected) opener.focus();
     opener = null;
   });
