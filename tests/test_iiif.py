@@ -206,6 +206,21 @@ def test_cli_indexes_a_collection_fetching_listed_sizes_never_the_full_image(sit
     assert "added 0 images (5 already indexed" in capsys.readouterr().out  # a rerun resumes
 
 
+def test_crop_evidence_on_a_fetched_image_becomes_region_and_canvas_links(site, tiny_checkpoint):
+    refs = list_collection([site.url("m3/manifest.json")]).images
+    retriever = Retriever.from_checkpoint(tiny_checkpoint, model="tiny", laclip=LaclipConfig(), progress=False)
+    retriever.add_images([r.open() for r in refs], [r.id for r in refs], [r.payload for r in refs])
+    hits = retriever.search_images("敦煌壁画中的飞天", k=3, explain=True)
+    for hit in hits:  # the best crop, found in the fetched 600x400 pixels, scaled to the 1200x800 image
+        evidence = hit.evidence
+        assert evidence["image_size"] == [600, 400]
+        x0, y0, x1, y1 = evidence["crops"][evidence["best"]]["box"]
+        links = decorate_hit(hit).payload["iiif"]
+        service = hit.payload["image_service"]
+        assert links["region"] == f"{service}/{2 * x0},{2 * y0},{2 * (x1 - x0)},{2 * (y1 - y0)}/max/0/default.jpg"
+        assert links["canvas"] == f"{hit.id}#xywh={4 * x0},{4 * y0},{4 * (x1 - x0)},{4 * (y1 - y0)}"  # canvas 2x
+
+
 def test_failures_are_reported_per_canvas_and_skipped_with_skip_bad(site, tiny_checkpoint, tmp_path, capsys):
     args = _index(site, tmp_path / "index", tiny_checkpoint, "--iiif", site.url("bad/manifest.json"),
                   "--iiif-timeout-s", "0.5", "--iiif-retries", "0", "--iiif-max-mb", "0.5")

@@ -27,8 +27,8 @@ def best_box(evidence: Mapping[str, Any] | None) -> tuple[list[float], list[int]
     if not evidence:
         return None
     crops, best, size = evidence.get("crops") or [], evidence.get("best"), evidence.get("image_size")
-    if not isinstance(best, int) or not 0 <= best < len(crops) or not size:
-        return None
+    if not isinstance(best, int) or not 0 <= best < len(crops) or not size or not crops[best].get("box"):
+        return None  # no crops, or boxes of null (the image's size was not recorded)
     return list(crops[best]["box"]), list(size)
 
 

@@ -16,6 +16,7 @@ from ..backends.torch_backend import PRECISION_CHOICES
 from ..batcher import BatcherConfig
 from ..cli_common import add_laclip_arguments, laclip_from_args
 from ..errors import EngineError
+from ..iiif.links import check_viewer
 from ..models import available_models
 from .app import HttpLimits, create_app
 from .cluster import ClusterOptions
@@ -75,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protect-metrics", action="store_true", help="with --api-key: /metrics needs the key too")
     p.add_argument("--protect-docs", action="store_true",
                    help="with --api-key: /docs, /redoc and /openapi.json need the key too")
+    p.add_argument("--iiif-viewer", metavar="PATTERN",
+                   help="viewer URL for IIIF hits with {manifest} and {canvas}, e.g. "
+                        "\"https://viewer.example/?manifest={manifest}&canvas={canvas}\" (Mirador or the museum's "
+                        "own); hits carry it in payload.iiif.viewer")
     r = p.add_argument_group("serving on Ray Serve (pip install --no-build-isolation -e \".[distributed]\")")
     r.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
                    help="score on Ray Serve shards of --index: no value or 'local' starts a local Ray, 'auto' joins "
@@ -154,13 +159,14 @@ def config_from_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> Se
         laclip = laclip_from_args(args)
         cluster = None if args.ray is None else ClusterOptions(
             args.ray, args.shards, args.replicas, args.cpus_per_replica, device=args.device)
+        check_viewer(args.iiif_viewer)
     except EngineError as exc:
         p.error(str(exc))
     return ServeConfig(model=args.model, checkpoint=args.checkpoint, random_weights=args.random_weights,
                        export_dir=args.export, backend=args.backend, index_dir=index_dir, gallery=args.gallery,
                        texts=args.texts, laclip=laclip, device=args.device, precision=args.precision, batch=batch,
                        workers=args.workers, max_pixels=args.max_pixels, read_only=args.read_only, cluster=cluster,
-                       verify_on_start=args.verify_on_start)
+                       verify_on_start=args.verify_on_start, iiif_viewer=args.iiif_viewer)
 
 
 def check_export_runtime(args: argparse.Namespace) -> str | None:

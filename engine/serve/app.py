@@ -27,6 +27,7 @@ from .core import ServerCore
 from .errors import HANDLED, engine_error_response, error_response, error_responses
 from .guards import AccessPolicy, AuthGuard, BodyGuard, ConcurrencyGuard, ErrorGuard, FramingGuard
 from .metrics import MetricsMiddleware, RouteTable, ServerMetrics
+from .iiif_routes import build_iiif_router
 from .routes import Schemas, build_router
 from .schemas import HealthResponse, ReadyResponse
 
@@ -101,6 +102,7 @@ def create_app(core: ServerCore, metrics: ServerMetrics, *, policy: AccessPolicy
 
     schemas = Schemas()
     app.include_router(build_router(core, policy, schemas))
+    app.include_router(build_iiif_router(core))
     _add_public_routes(app, core, metrics, policy)
 
     def openapi() -> dict[str, Any]:

@@ -28,6 +28,7 @@ from ..batcher import Batcher, BatcherConfig
 from ..errors import IndexFormatError, InputError
 from ..gallery import folder_images, read_texts_jsonl
 from ..ids import Id, check_id, check_ids, id_key
+from ..iiif.links import decorate_hit
 from ..index import COMMIT
 from ..index.verification import verify_index
 from ..laclip import LaclipConfig
@@ -61,6 +62,7 @@ class ServeConfig:
     read_only: bool = False  # a replica: follows the index's commits, answers writes 403
     cluster: ClusterOptions | None = None  # score on Ray Serve shards of --index (engine.serve.cluster)
     verify_on_start: bool = False  # read the whole index against its checksums before serving it
+    iiif_viewer: str | None = None  # viewer URL pattern for IIIF hits, with {manifest} and {canvas} (engine.iiif.links)
 
 
 @dataclass(frozen=True)
@@ -281,6 +283,7 @@ class ServerCore:
         encoded = await self._encode_texts(queries)
         hits = await self._in_pool(retriever.search_image_embeddings, np.stack(encoded.values), k,
                                    exact=exact, score=score)
+        hits = [[decorate_hit(hit, self.config.iiif_viewer) for hit in row] for row in hits]  # payload["iiif"]
         return TextQueryResult(hits, encoded.truncated)
 
     async def search_texts(self, upload: Any, k: int, settings: Any = None, exact: bool = False) -> list[Hit]:
