@@ -418,7 +418,7 @@ class Retriever:
         single = isinstance(query, str)
         queries = [query] if single else _as_list(query, str)
         check_k(k, self.index.snapshot().live("images"), "images")
-        negatives = None if negative is None else self.encode_texts(_negative_texts(negative))
+        negatives = None if negative is None else self.encode_texts(negative_texts(negative))
         hits = self.search_image_embeddings(self.encode_texts(queries), k, exact=exact, score=score, where=where,
                                             negative=negatives, negative_weight=negative_weight, explain=explain,
                                             collapse=collapse)
@@ -634,7 +634,7 @@ def to_hits(found: list[Found], snap: Snapshot, kind: str) -> list[list[Hit]]:
     return out
 
 
-def _negative_texts(negative: str | Sequence[str]) -> list[str]:
+def negative_texts(negative: str | Sequence[str]) -> list[str]:
     """One negative text or a non-empty list of them."""
     texts = [negative] if isinstance(negative, str) else _as_list(negative, str)
     if not texts or len(texts) > MAX_NEGATIVES or not all(isinstance(t, str) and t for t in texts):

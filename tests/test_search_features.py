@@ -3,6 +3,8 @@ computation of the documented formula on generated vectors (odd sizes, deletes, 
 ANN), plus boxes recomputed from real images and collapse="duplicates"."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -189,3 +191,87 @@ def test_collapse_keeps_the_best_hit_of_each_duplicate_group(images_retriever) -
     assert [h.id for h in collapsed] == [h.id for h in plain if h.id != "a2"][:3]
     with pytest.raises(InputError, match="collapse"):
         r.search_similar_embeddings(q, 3, collapse="groups")
+
+
+# ---- over HTTP ----------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint, tmp_path_factory):
+    from engine.serve.launcher import ServerProcess
+
+    folder = tmp_path_factory.mktemp("http-gallery")
+    for i in range(5):
+        make_image(120 + 10 * i, 90, seed=300 + i).save(folder / f"g{i}.png")
+    make_image(120, 90, seed=300).save(folder / "copy.png")  # a duplicate of g0
+    root = Path(__file__).resolve().parents[1]
+    srv = ServerProcess(["--model", "tiny", "--checkpoint", str(tiny_checkpoint), "--gallery", str(folder),
+                         "--crops", "4"], tmp_path_factory.mktemp("http-log") / "server.log",
+                        env={"OMP_NUM_THREADS": "1", "CNCLIP_API_KEY": None}, cwd=root)
+    srv.index_dir = folder / ".cnclip-index"
+    with srv.serving():
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    import httpx
+
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        yield c
+
+
+def test_http_search_options_answer_as_the_retriever_does(server, client, tiny_checkpoint) -> None:
+    reference = Retriever.load(server.index_dir, checkpoint=tiny_checkpoint, progress=False)
+    body = {"query": "飞天", "k": 3, "where": {"source": {"$in": ["g1.png", "g2.png", "g3.png", "g4.png"]}},
+            "negative": ["牡丹"], "negative_weight": 0.8, "explain": True}
+    got = client.post("/v1/search/images", json=body)
+    assert got.status_code == 200, got.text
+    want = reference.search_images("飞天", 3, where=body["where"], negative=["牡丹"], negative_weight=0.8,
+                                   explain=True)
+    hits = got.json()["hits"]
+    assert [h["id"] for h in hits] == [h.id for h in want]
+    np.testing.assert_allclose([h["score"] for h in hits], [h.score for h in want], atol=1e-5)
+    for h, w in zip(hits, want):
+        assert h["evidence"]["image_size"] == w.evidence["image_size"] and len(h["evidence"]["crops"]) == 4
+        assert [c["box"] for c in h["evidence"]["crops"]] == [c["box"] for c in w.evidence["crops"]]
+        assert sum(c["weight"] for c in h["evidence"]["crops"]) == pytest.approx(1.0, abs=1e-5)
+    plain = client.post("/v1/search/images", json={"query": "飞天", "k": 2}).json()["hits"]
+    assert all("evidence" not in h for h in plain)
+
+
+def test_http_region_and_fragment_search_by_multipart(server, client, tiny_checkpoint) -> None:
+    reference = Retriever.load(server.index_dir, checkpoint=tiny_checkpoint, progress=False)
+    picture = image_bytes(make_image(120, 90, seed=302))
+    form = {"k": "3", "box": "[10, 10, 70, 60]", "against": "crops", "explain": "true",
+            "where": '{"source": {"$ne": "copy.png"}}'}
+    got = client.post("/v1/search/similar", files={"image": ("q.png", picture)}, data=form)
+    assert got.status_code == 200, got.text
+    region = load_image(picture).crop((10, 10, 70, 60))
+    want = reference.search_similar_embeddings(reference.encode_images([region]), 3, against="crops", explain=True,
+                                               where={"source": {"$ne": "copy.png"}})[0]
+    assert [h["id"] for h in got.json()["hits"]] == [h.id for h in want]
+    assert [h["evidence"]["best"] for h in got.json()["hits"]] == [h.evidence["best"] for h in want]
+    texts = client.post("/v1/search/texts", files={"image": ("q.png", picture)}, data={"box": "[0, 0, 5000, 5]"})
+    assert texts.status_code == 422 and texts.json()["error"] == "InputError" and "box" in texts.json()["detail"]
+
+
+def test_http_bad_options_are_422_input_errors_naming_them(client) -> None:
+    for body, named in (({"query": "x", "k": 2, "where": {"source": {"$regex": "g"}}}, "$regex"),
+                        ({"query": "x", "k": 2, "where": {"$and": {"a": 1}}}, "where.$and"),
+                        ({"query": "x", "k": 2, "negative": ""}, "negative"),
+                        ({"query": "x", "k": 2, "negative": "y", "negative_weight": 12}, "negative_weight")):
+        got = client.post("/v1/search/images", json=body)
+        assert got.status_code == 422 and got.json()["error"] == "InputError", got.text
+        assert named in got.json()["detail"]
+    got = client.post("/v1/search/similar", json={"id": "g0", "k": 2, "box": [0, 0, 4, 4]})
+    assert got.status_code == 422 and "box" in got.json()["detail"]
+
+
+def test_http_duplicates_and_payload_keys(client) -> None:
+    got = client.get("/v1/index/duplicates", params={"threshold": 0.9999, "limit": 10})
+    assert got.status_code == 200, got.text
+    assert got.json() == {"threshold": 0.9999, "images": 6, "groups": [{"size": 2, "members": ["copy", "g0"]}]}
+    assert client.get("/v1/index/duplicates", params={"threshold": 1.5}).status_code == 422
+    keys = client.get("/v1/index/payload-keys", params={"kind": "images"}).json()["keys"]
+    assert keys == [{"key": "source", "types": ["string"], "examples": keys[0]["examples"]}]
+    assert len(keys[0]["examples"]) == 5

@@ -30,10 +30,11 @@ from ..gallery import folder_images, read_texts_jsonl
 from ..ids import Id, check_id, check_ids, id_key
 from ..iiif.links import decorate_hit
 from ..index import COMMIT
+from ..index.filters import payload_keys
 from ..index.verification import verify_index
 from ..laclip import LaclipConfig
 from ..preprocess import DEFAULT_MAX_PIXELS
-from ..retriever import Hit, ImageEmbeddings, PreparedImages, Retriever
+from ..retriever import Hit, ImageEmbeddings, PreparedImages, Retriever, negative_texts
 from .cluster import Cluster, ClusterOptions
 from .errors import IndexWriteError, NotFound, NotReady
 
@@ -275,36 +276,57 @@ class ServerCore:
         given = {k: v for k, v in settings.model_dump().items() if v is not None}
         return dataclasses.replace(laclip.score, **given)
 
-    async def search_images(self, queries: Sequence[str], k: int, settings: Any = None,
-                            exact: bool = False) -> TextQueryResult:
-        """Text -> image: one list of hits per query, best first."""
+    async def search_images(self, queries: Sequence[str], k: int, settings: Any = None, exact: bool = False,
+                            negative: str | Sequence[str] | None = None, **options: Any) -> TextQueryResult:
+        """Text -> image: one list of hits per query, best first. `negative` texts go through the text batcher;
+        `options` (where, negative_weight, explain, collapse) are Retriever.search_image_embeddings'."""
         retriever = self._require_ready()
         score = self._score(settings)
         encoded = await self._encode_texts(queries)
+        if negative is not None:
+            options["negative"] = np.stack((await self._encode_texts(negative_texts(negative))).values)
         hits = await self._in_pool(retriever.search_image_embeddings, np.stack(encoded.values), k,
-                                   exact=exact, score=score)
+                                   exact=exact, score=score, **options)
         hits = [[decorate_hit(hit, self.config.iiif_viewer) for hit in row] for row in hits]  # payload["iiif"]
         return TextQueryResult(hits, encoded.truncated)
 
-    async def search_texts(self, upload: Any, k: int, settings: Any = None, exact: bool = False) -> list[Hit]:
-        """Image -> text: the hits for one uploaded image, best first (payloads carry the texts)."""
+    async def search_texts(self, upload: Any, k: int, settings: Any = None, exact: bool = False,
+                           where: dict | None = None, box: Sequence[float] | None = None) -> list[Hit]:
+        """Image -> text: the hits for one uploaded image (only `box` of it, when given), best first (payloads
+        carry the texts)."""
         retriever = self._require_ready()
         score = self._score(settings)
-        emb = await self._image_embeddings(upload.data, upload.name)
+        emb = await self._image_embeddings(await self._region(upload, box), upload.name)
         crops = emb[None, 1:] if retriever.laclip is not None else None
         hits = await self._in_pool(retriever.search_text_embeddings, emb[None, 0], crops, k, exact=exact,
-                                   score=score)
+                                   score=score, where=where)
         return hits[0]
 
-    async def search_similar(self, item_id: Id | None, upload: Any, k: int, exact: bool = False) -> list[Hit]:
-        """Image -> image, by a stored image's id (its stored vector, no re-encoding) or by an uploaded image."""
+    async def search_similar(self, item_id: Id | None, upload: Any, k: int, exact: bool = False,
+                             box: Sequence[float] | None = None, **options: Any) -> list[Hit]:
+        """Image -> image, by a stored image's id (its stored vector, no re-encoding) or by an uploaded image (only
+        `box` of it, when given); `options` (where, against, explain, collapse) are Retriever.search_similar's."""
         retriever = self._require_ready()
         if item_id is not None:
             self._known("images", check_id(item_id))
-            return await self._in_pool(retriever.search_similar, item_id, k, exact=exact)
-        emb = await self._image_embeddings(upload.data, upload.name)
-        hits = await self._in_pool(retriever.search_similar_embeddings, emb[None, 0], k, exact=exact)
+            return await self._in_pool(retriever.search_similar, item_id, k, exact=exact, box=box, **options)
+        emb = await self._image_embeddings(await self._region(upload, box), upload.name)
+        hits = await self._in_pool(retriever.search_similar_embeddings, emb[None, 0], k, exact=exact, **options)
         return hits[0]
+
+    async def _region(self, upload: Any, box: Sequence[float] | None) -> Any:
+        """The upload's bytes, or its decoded image cut to `box` (errors name the upload)."""
+        if box is None:
+            return upload.data
+        return await self._in_pool(_named, upload.name, self.retriever.region, upload.data, box)
+
+    async def duplicates(self, threshold: float, limit: int | None) -> dict[str, Any]:
+        """Near-duplicate groups of the indexed images (computed once per commit and threshold)."""
+        return await self._in_pool(self._require_ready().duplicates, threshold, limit)
+
+    async def payload_keys(self, kind: str) -> list[dict[str, Any]]:
+        """Keys seen in the payloads of the first 10,000 live rows of `kind`, with types and examples."""
+        return await self._in_pool(payload_keys, self._require_ready().index.snapshot(), kind)
 
     async def thumbnail(self, item_id: str) -> bytes:
         retriever = self._require_ready()
@@ -334,8 +356,11 @@ class ServerCore:
         emb = ImageEmbeddings.of(np.stack(views), retriever.laclip is not None)
         names = [u.basename for u in uploads]
         thumbnails = [p.thumbnails[0] for p in prepared]
+        geometry = None if any(p.geometry is None for p in prepared) else np.concatenate([p.geometry
+                                                                                           for p in prepared])
         # ids (default counters included) are taken in the writer, under the write lock
-        return await self._write(lambda: retriever.store_images(emb, names, ids, payloads, thumbnails))
+        return await self._write(lambda: retriever.store_images(emb, names, ids, payloads, thumbnails,
+                                                                  geometry))
 
     async def add_texts(self, texts: Sequence[str], ids: Sequence[Id] | None,
                         payloads: Sequence[dict | None] | None) -> list[Id]:

@@ -5,23 +5,24 @@ status it can answer, all with the one error model.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel
 
 from ..errors import InputError
 from ..gallery import parse_texts_jsonl
 from ..ids import Id
-from .bodies import (MAX_K, DeleteRequest, EncodeImageRequest, EncodeTextRequest, ImageQuery, ImageSearchRequest,
-                     IndexImagesRequest, IndexTextsRequest, SimilarRequest, decode_base64,
-                     parse_json, validate)
+from ..duplicates import DEFAULT_DUPLICATE_THRESHOLD
+from .bodies import (MAX_K, DeleteRequest, EncodeImageRequest, EncodeTextRequest, IndexImagesRequest,
+                     IndexTextsRequest, decode_base64, parse_json, validate)
 from .core import ServerCore
 from .errors import HttpError, error_responses
 from .guards import AccessPolicy
 from .inputs import Upload, content_kind, form_list, form_model, form_uploads, json_body, one_upload, read_form
-from .schemas import (DeleteResponse, EncodeImageResponse, EncodeTextResponse, HitsResponse, ImageSearchResponse,
-                      IndexResponse, InfoResponse)
+from .schemas import (DeleteResponse, DuplicatesResponse, EncodeImageResponse, EncodeTextResponse, HitsResponse,
+                      ImageSearchResponse, IndexResponse, InfoResponse, PayloadKeysResponse)
+from .search_bodies import ImageSearchBody, SimilarBody, TextSearchBody, form_options, options
 
 _FILE = {"type": "string", "format": "binary"}
 _LACLIP_FIELD = {"type": "string", "description": "query-time LACLIP settings as a JSON object string, "
@@ -29,6 +30,8 @@ _LACLIP_FIELD = {"type": "string", "description": "query-time LACLIP settings as
 _K_FIELD = {"type": "integer", "minimum": 1, "maximum": MAX_K, "default": 10}
 _EXACT_FIELD = {"type": "boolean", "default": False}
 _ID_FIELD = {"anyOf": [{"type": "string"}, {"type": "integer"}]}
+_WHERE_FIELD = {"type": "string", "description": "payload filter as a JSON object string, e.g. {\"album\": \"敦煌\"}"}
+_BOX_FIELD = {"type": "string", "description": "[x0, y0, x1, y1] as a JSON array string (pixels of the image)"}
 
 
 class Schemas:
@@ -61,8 +64,9 @@ class Schemas:
 
 
 def hits_json(hits: Sequence[Any]) -> list[dict[str, Any]]:
-    """Hits (id, score, payload) as JSON objects."""
-    return [{"id": h.id, "score": h.score, "payload": h.payload} for h in hits]
+    """Hits (id, score, payload, and evidence when there is some) as JSON objects."""
+    return [{"id": h.id, "score": h.score, "payload": h.payload,
+             **({"evidence": h.evidence} if getattr(h, "evidence", None) is not None else {})} for h in hits]
 
 
 def build_router(core: ServerCore, policy: AccessPolicy, schemas: Schemas) -> APIRouter:
@@ -73,13 +77,13 @@ def build_router(core: ServerCore, policy: AccessPolicy, schemas: Schemas) -> AP
     writes = error_responses([400, 403, 408, 409, 413, 415, 422, 429, 500, 503, *keyed])
     v1 = APIRouter(prefix="/v1")
 
-    async def image_query(request: Request) -> tuple[Upload, ImageQuery]:
+    async def image_query(request: Request) -> tuple[Upload, TextSearchBody]:
         if content_kind(request) == "json":
-            body = await json_body(request, ImageQuery)
+            body = await json_body(request, TextSearchBody)
             return Upload(decode_base64(body.image, "image"), "image"), body
         form = await read_form(request)
         upload = await one_upload(form)
-        return upload, form_model(form, ImageQuery, image="<upload>")
+        return upload, form_model(form, TextSearchBody, image="<upload>", **form_options(form))
 
     @v1.get("/info", summary="What the server runs and whether it needs a key (no key needed)",
             response_model=InfoResponse, responses=error_responses([503]))
@@ -89,40 +93,47 @@ def build_router(core: ServerCore, policy: AccessPolicy, schemas: Schemas) -> AP
                 "max_k": MAX_K, "images": images, "texts": texts}
 
     @v1.post("/search/images", summary="Text -> image search", response_model=ImageSearchResponse,
-             responses=reads, openapi_extra=schemas.body(ImageSearchRequest))
+             responses=reads, openapi_extra=schemas.body(ImageSearchBody), response_model_exclude_unset=True)
     async def search_images(request: Request) -> dict[str, Any]:
-        body = await json_body(request, ImageSearchRequest)
+        body = await json_body(request, ImageSearchBody)
         single = isinstance(body.query, str)
-        result = await core.search_images([body.query] if single else body.query, body.k, body.laclip, body.exact)
+        result = await core.search_images([body.query] if single else body.query, body.k, body.laclip, body.exact,
+                                          **options(body, "where", "negative", "negative_weight", "explain",
+                                                    "collapse"))
         hits = [hits_json(h) for h in result.values]
         return {"hits": hits[0] if single else hits, "truncated": result.truncated[0] if single else result.truncated}
 
     @v1.post("/search/texts", summary="Image -> text search (the texts come back in each hit's payload)",
-             response_model=HitsResponse, responses=reads,
-             openapi_extra=schemas.body(ImageQuery, {"image": _FILE, "k": _K_FIELD, "laclip": _LACLIP_FIELD,
-                                                     "exact": _EXACT_FIELD}, ["image"]))
+             response_model=HitsResponse, responses=reads, response_model_exclude_unset=True,
+             openapi_extra=schemas.body(TextSearchBody, {"image": _FILE, "k": _K_FIELD, "laclip": _LACLIP_FIELD,
+                                                         "exact": _EXACT_FIELD, "where": _WHERE_FIELD,
+                                                         "box": _BOX_FIELD}, ["image"]))
     async def search_texts(request: Request) -> dict[str, Any]:
         upload, body = await image_query(request)
-        return {"hits": hits_json(await core.search_texts(upload, body.k, body.laclip, body.exact))}
+        return {"hits": hits_json(await core.search_texts(upload, body.k, body.laclip, body.exact,
+                                                          **options(body, "where", "box")))}
 
     @v1.post("/search/similar", summary="Image -> image search, by a stored image's id or by an image",
-             response_model=HitsResponse, responses=error_responses([404, *reads]),
-             openapi_extra=schemas.body(SimilarRequest, {"image": _FILE, "id": _ID_FIELD, "k": _K_FIELD,
-                                                         "exact": _EXACT_FIELD}))
+             response_model=HitsResponse, responses=error_responses([404, *reads]), response_model_exclude_unset=True,
+             openapi_extra=schemas.body(SimilarBody, {
+                 "image": _FILE, "id": _ID_FIELD, "k": _K_FIELD, "exact": _EXACT_FIELD, "where": _WHERE_FIELD,
+                 "box": _BOX_FIELD, "explain": _EXACT_FIELD, "against": {"type": "string", "enum": ["global", "crops"]},
+                 "collapse": {"type": "string", "enum": ["duplicates"]}}))
     async def search_similar(request: Request) -> dict[str, Any]:
         if content_kind(request) == "json":
-            body = await json_body(request, SimilarRequest)
+            body = await json_body(request, SimilarBody)
             upload = None if body.image is None else Upload(decode_base64(body.image, "image"), "image")
         else:
             form = await read_form(request)
             uploads = await form_uploads(form, "image")
             upload = uploads[0] if uploads else None
-            body = form_model(form, SimilarRequest, image=None)
+            body = form_model(form, SimilarBody, image=None, **form_options(form))
             if len(uploads) > 1:
                 raise HttpError(422, "ValidationError", f"one image at a time, got {len(uploads)}")
         if (body.id is None) == (upload is None):
             raise HttpError(422, "ValidationError", "give exactly one of 'id' (a stored image) or 'image'")
-        hits = await core.search_similar(body.id, upload, body.k, body.exact)
+        hits = await core.search_similar(body.id, upload, body.k, body.exact,
+                                         **options(body, "box", "where", "against", "explain", "collapse"))
         return {"hits": hits_json(hits)}
 
     @v1.post("/encode/text", summary="Text embeddings (L2-normalised)", response_model=EncodeTextResponse,
@@ -193,6 +204,17 @@ def build_router(core: ServerCore, policy: AccessPolicy, schemas: Schemas) -> AP
             responses=error_responses([503, *keyed]))
     async def stats() -> dict[str, Any]:
         return {**(await core.stats()), "persisted": core.persistent}
+
+    @v1.get("/index/duplicates", summary="Groups of near-duplicate images (global vectors within the threshold)",
+            response_model=DuplicatesResponse, responses=error_responses([422, 503, *keyed]))
+    async def duplicates(threshold: float = Query(DEFAULT_DUPLICATE_THRESHOLD, gt=0, le=1),
+                         limit: int = Query(100, ge=1, le=10_000)) -> dict[str, Any]:
+        return await core.duplicates(threshold, limit)
+
+    @v1.get("/index/payload-keys", summary="Keys seen in the payloads (first 10,000 live rows), for filters",
+            response_model=PayloadKeysResponse, responses=error_responses([422, 503, *keyed]))
+    async def payload_keys(kind: Literal["images", "texts"] = "images") -> dict[str, Any]:
+        return {"keys": await core.payload_keys(kind)}
 
     @v1.get("/images/{id:path}/thumbnail", summary="The stored thumbnail of an indexed image (JPEG)",
             response_class=Response, responses={200: {"content": {"image/jpeg": {"schema": _FILE}}},

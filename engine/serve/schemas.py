@@ -8,13 +8,34 @@ from pydantic import BaseModel, Field
 from .bodies import IdValue
 
 
+class CropEvidence(BaseModel):
+    """One LACLIP crop of a hit: its box in the original image's pixels (null when the size was not recorded),
+    its similarity to the query and its weight under the scoring used."""
+
+    box: Optional[list[int]]
+    similarity: float
+    weight: float
+
+
+class Evidence(BaseModel):
+    """Why an image hit scored (asked for with "explain"): its K crops (weights sum to 1) and `best`, the crop
+    with the largest weight x similarity (for against="crops": the crop that matched)."""
+
+    image_size: Optional[list[int]]
+    best: int
+    crops: list[CropEvidence]
+    note: Optional[str] = None
+
+
 class HitOut(BaseModel):
-    """One search result: the item's id, its score (higher is better) and its payload (texts carry `text`,
-    images their `source` file name and any metadata given when added)."""
+    """One search result: the item's id, its score (higher is better), its payload (texts carry `text`,
+    images their `source` file name and any metadata given when added) and, with "explain" on a LACLIP index,
+    its crop evidence."""
 
     id: IdValue
     score: float
     payload: Optional[dict[str, Any]] = None
+    evidence: Optional[Evidence] = None
 
 
 class ImageSearchResponse(BaseModel):
@@ -86,3 +107,29 @@ class ReadyResponse(BaseModel):
 
 class HealthResponse(BaseModel):
     status: str
+
+
+class DuplicateGroupOut(BaseModel):
+    size: int
+    members: list[IdValue]
+
+
+class DuplicatesResponse(BaseModel):
+    """Groups of near-duplicate images (largest first, at most `limit`) among `images` live images."""
+
+    threshold: float
+    groups: list[DuplicateGroupOut]
+    images: int
+
+
+class PayloadKeyOut(BaseModel):
+    key: str
+    types: list[str]
+    examples: list[Any]
+
+
+class PayloadKeysResponse(BaseModel):
+    """Payload keys seen in the first 10,000 live rows, most frequent first, with their JSON types and up to 5
+    example values."""
+
+    keys: list[PayloadKeyOut]
