@@ -156,9 +156,9 @@ class _Handler(SimpleHTTPRequestHandler):
         pass
 
 
-def start_site(root: Path) -> IiifSite:
-    """Build the tree under `root`, serve it on a free 127.0.0.1 port; stop with `stop_site`."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), lambda *a, **k: None)  # placeholder handler, replaced below
+def start_site(root: Path, port: int = 0) -> IiifSite:
+    """Build the tree under `root`, serve it on 127.0.0.1:`port` (0: a free port); stop with `stop_site`."""
+    server = ThreadingHTTPServer(("127.0.0.1", port), lambda *a, **k: None)  # placeholder handler, replaced below
     site = IiifSite(root, f"http://127.0.0.1:{server.server_address[1]}", server=server)
     server.RequestHandlerClass = functools.partial(_Handler, site=site)
     server.daemon_threads = True
