@@ -33,6 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     verify = sub.add_parser("verify", help="read a whole index and check every checksum; exit 1 naming each "
                                            "damaged file")
     verify.add_argument("directory")
+    duplicates = sub.add_parser("duplicates", help="groups of near-duplicate images (global vectors within the "
+                                                   "threshold), as a table or JSON")
+    duplicates.add_argument("directory")
+    duplicates.add_argument("--threshold", type=float, default=0.95, help="cosine similarity (default 0.95)")
+    duplicates.add_argument("--limit", type=int, help="print at most this many groups (largest first)")
+    duplicates.add_argument("--json", action="store_true", help="print {threshold, groups, images} as JSON")
     return parser
 
 
@@ -164,11 +170,24 @@ def run_upgrade(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"index": run_index, "search": run_search, "upgrade": run_upgrade, "verify": run_verify}
+    commands = {"index": run_index, "search": run_search, "upgrade": run_upgrade, "verify": run_verify,
+                "duplicates": run_duplicates}
     try:
         return commands[args.command](args)
     except EngineError as exc:
         return report_error(exc)
+def run_duplicates(args: argparse.Namespace) -> int:
+    from .duplicates import find_duplicates, groups_json, groups_table
+    from .index import Index
+
+    snapshot = Index.open(args.directory, refresh_interval_s=None).snapshot()
+    if args.limit is not None and args.limit < 1:
+        raise EngineError(f"--limit must be at least 1, got {args.limit}")
+    report = groups_json(find_duplicates(snapshot, args.threshold), snapshot, args.limit)
+    print(json.dumps(report, ensure_ascii=False) if args.json else groups_table(report))
+    return 0
+
+
 def run_verify(args: argparse.Namespace) -> int:
     from .index.verification import verify_index
 
