@@ -191,6 +191,17 @@ def test_engine_manifests_declare_the_search_service(client, site, indexed):
     assert f"http://testserver/iiif/manifest/{key}" in [m["id"] for m in collection["items"]]
 
 
+def test_manifests_follow_the_index_after_a_delete(client, site, indexed):
+    key = manifest_key(site.url("m3/manifest.json"))
+    assert len(client.get(f"/iiif/manifest/{key}").json()["items"]) == 3
+    deleted = client.post("/v1/index/images/delete", json={"ids": [site.url("m3/canvas/2")]}, headers=AUTH)
+    assert deleted.status_code == 200
+    assert [c["id"] for c in client.get(f"/iiif/manifest/{key}").json()["items"]] == [
+        site.url("m3/canvas/0"), site.url("m3/canvas/1")]
+    page = client.get(f"/iiif/search/{key}", params={"q": "飞天"}).json()
+    assert sorted(a["target"].split("#")[0] for a in page["items"]) == [site.url(f"m3/canvas/{n}") for n in (0, 1)]
+
+
 def test_search_pages_link_each_other_and_refuse_pages_past_the_end():
     hits = [SimpleNamespace(id=f"c{i}", score=1 - i / 100, payload={
         "title": f"canvas {i}", "iiif": {"canvas": f"https://m/c{i}#xywh=0,0,10,10", "manifest": "https://m"}})

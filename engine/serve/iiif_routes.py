@@ -5,6 +5,7 @@ same effect) and the manifests it declares (`GET /iiif/manifest/{key}`, `GET /ii
 /iiif routes allow any origin (CORS), as viewers run on other sites."""
 from __future__ import annotations
 
+import weakref
 from typing import Any, Sequence
 
 from fastapi import APIRouter, Request
@@ -137,19 +138,26 @@ def build_iiif_router(core: ServerCore) -> APIRouter:
                              ignored=ignored_parameters(request.query_params))
         return JSONResponse(answer, media_type=SEARCH_TYPE, headers=OPEN)
 
+    held: dict[str, Any] = {}  # the last catalog and a weak reference to the snapshot it was read from
+
     async def _catalog() -> tuple[dict[str, str], dict[str, list[dict[str, Any]]]]:
-        """({key: source manifest id}, {key: its canvases' payloads in canvas order}) of the index now."""
+        """({key: source manifest id}, {key: its canvases' payloads in canvas order}) of the index now: read once
+        per index snapshot (every payload), then reused until a write makes a new one."""
         core.counts()  # NotReady before the model is up
-        return await run_in_threadpool(_scan, core)
+        snapshot = core.retriever.index.snapshot()
+        if held.get("snapshot", lambda: None)() is not snapshot:
+            held["catalog"] = await run_in_threadpool(_scan, core, snapshot)
+            held["snapshot"] = weakref.ref(snapshot)
+        return held["catalog"]
 
     return router
 
 
-def _scan(core: ServerCore) -> tuple[dict[str, str], dict[str, list[dict[str, Any]]]]:
+def _scan(core: ServerCore, snapshot: Any) -> tuple[dict[str, str], dict[str, list[dict[str, Any]]]]:
     retriever = core.retriever
     manifests: dict[str, str] = {}
     canvases: dict[str, list[dict[str, Any]]] = {}
-    for item in retriever.index.snapshot().ids("images"):
+    for item in snapshot.ids("images"):
         payload = retriever.image_payload(item)
         if is_iiif_payload(payload):
             key = manifest_key(payload["manifest"])
