@@ -17,7 +17,8 @@ const state = {
   blobUrls: [],      // thumbnail object URLs of the results on screen
   imageFile: null,   // the query image (picker, drop or paste)
   previewUrl: null,
-  paired: new Map(), // image id -> texts whose payload's image_ids name it (read when the page opens)
+  paired: new Map(), // image id -> texts whose payload's image_ids name it (read once, before the first search)
+  extras: null,      // the promise of reading the pairs and the payload keys (null: not yet, or to retry)
 };
 
 // ---- settings --------------------------------------------------------------------------------------------
@@ -83,7 +84,7 @@ const SEARCHES = {
   imageToTexts: {
     results: "texts",
     limit: () => available("texts"),
-    run: (file, k) => postImage("/v1/search/texts", file, { k: String(k), laclip: laclipSettings() }),
+    run: (file, k) => postImage("/v1/search/texts", file, { k: String(k), laclip: laclipSettings(), box: regionBox() }),
   },
   imageToImages: {
     results: "images",
@@ -126,6 +127,7 @@ async function runSearch(search, offset = 0, { focusStatus = false } = {}) {
   setStatus(`搜索中… Searching… ${search.label}`);
   try {
     await refreshCounts();
+    await loadIndexExtras();
     const limit = search.spec.limit();
     if (search.spec.results === "groups") {
       const body = await search.spec.run(search.query);
@@ -403,7 +405,7 @@ function blankImage() {
  *  each image's texts in text-id order. */
 async function loadPairedCaptions() {
   const k = available("texts");
-  if (!(k >= 1)) return;
+  if (!(k >= 1)) return true;
   try {
     const body = await postImage("/v1/search/texts", await blankImage(),
       { k: String(k), where: { image_ids: { $exists: true } } });
@@ -416,8 +418,10 @@ async function loadPairedCaptions() {
         state.paired.get(key).push(hit.payload.text);
       }
     }
+    return true;
   } catch (err) {
     console.warn("paired captions unavailable:", err.message);
+    return err.status !== 401;
   }
 }
 
@@ -425,9 +429,22 @@ async function loadPairedCaptions() {
 async function loadPayloadKeys() {
   try {
     offerKeys((await getJson("/v1/index/payload-keys?kind=images")).keys || []);
+    return true;
   } catch (err) {
     console.warn("payload keys unavailable:", err.message);
+    return err.status !== 401;
   }
+}
+
+/** Read the pairs and the payload keys once; a try refused for want of the API key is retried by the next
+ *  search (after the key is entered). Other failures leave the page without them. */
+function loadIndexExtras() {
+  if (!state.extras) {
+    state.extras = Promise.all([loadPairedCaptions(), loadPayloadKeys()]).then((done) => {
+      if (!done.every(Boolean)) state.extras = null;
+    });
+  }
+  return state.extras;
 }
 
 /** Read /v1/info (it answers 503 while the model loads: wait for it), then show what the server runs. */
@@ -449,7 +466,7 @@ async function loadInfo() {
   }
   await refreshCounts();
   $("server-info").textContent = describeServer(state.info, state.counts);
-  await Promise.all([loadPairedCaptions(), loadPayloadKeys()]);
+  if (!state.info.auth || apiKey()) await loadIndexExtras();
   document.body.dataset.ready = "true";
 }
 
@@ -486,7 +503,7 @@ function wireImageInput() {
   $("image-search").addEventListener("click", searchByImage);
   for (const radio of document.querySelectorAll("input[name=image-target]")) {
     radio.addEventListener("change", () => {
-      $("region-fields").disabled = imageTarget() !== "similar";
+      $("against-crops").disabled = imageTarget() !== "similar"; // texts have no crops
       if (state.imageFile) searchByImage();
     });
   }
@@ -523,7 +540,7 @@ function wire() {
     example.addEventListener("click", () => searchText(example.textContent));
   }
   wireImageInput();
-  setupRegion(rerunIf(SEARCHES.imageToImages));
+  setupRegion(rerunIf(SEARCHES.imageToImages, SEARCHES.imageToTexts));
   setupFilters(rerunIf(SEARCHES.textToImages, SEARCHES.imageToImages, SEARCHES.similarToId));
   setupHitView();
   $("dup-form").addEventListener("submit", (e) => {

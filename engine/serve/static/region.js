@@ -1,7 +1,7 @@
 // Draw-a-box on the query image: a box dragged with the pointer over the preview, or typed into the numeric
-// x0, y0, x1, y1 fields (the keyboard way), in pixels of the uploaded image. It is sent as `"box"` with a
-// similar-images search; "contains this detail" sends `"against": "crops"` (the box compared with every
-// indexed image's crops instead of its whole picture).
+// x0, y0, x1, y1 fields (the keyboard way), in pixels of the uploaded image. It is sent as `"box"` (only that
+// region is encoded) with an image search; "contains this detail" (similar images) sends `"against": "crops"`
+// (the region compared with every indexed image's crops instead of its whole picture).
 
 import { $ } from "./dom.js";
 import { PageError } from "./api.js";
@@ -89,7 +89,7 @@ export function setupRegion(onChange) {
   $("image-preview").addEventListener("load", onPreviewLoad);
   $("image-preview").addEventListener("error", () => { $("region-editor").hidden = true; });
   overlay.addEventListener("pointerdown", (event) => {
-    if (!size || $("region-fields").disabled) return;
+    if (!size) return;
     event.preventDefault();
     overlay.setPointerCapture(event.pointerId);
     dragStart = imagePoint(event);
