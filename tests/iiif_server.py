@@ -1,6 +1,7 @@
 """A real IIIF server for the tests: a generated level-0 static tree (info.json, sizes and tiles, Image API 2 and 3),
 Presentation manifests (v2, v3), collections and broken documents, served by http.server on 127.0.0.1 in a thread,
-which records every path it is asked for. Paths under /slow/ answer after `SLOW_S` seconds."""
+which records every path it is asked for. Images under /slow/ answer after `SLOW_S` seconds, /trickle sends its
+body a byte at a time, /flaky.json answers 503 once, then the v2 manifest."""
 from __future__ import annotations
 
 import functools
@@ -138,6 +139,7 @@ def build_site(root: Path, base: str) -> None:
         base, "bad", [canvas_v3(base, "bad", n, s, {"none": [f"bad {n}"]}) for n, s in enumerate(broken)],
         {"none": ["broken things"]}))
     (root / "broken.json").write_text("{not json", encoding="utf-8")
+    (root / "flaky.json").write_bytes((root / "m2" / "manifest.json").read_bytes())
     write_json(root / "notiiif.json", {"hello": "world"})
 
 
@@ -150,6 +152,18 @@ class _Handler(SimpleHTTPRequestHandler):
         self.site.requests.append(self.path)
         if self.path.startswith("/slow/") and self.path.endswith(".jpg"):
             time.sleep(SLOW_S)
+        if self.path == "/trickle":  # headers at once, then a byte every 0.2 s
+            self.send_response(200)
+            self.send_header("Content-Length", "20")
+            self.end_headers()
+            for _ in range(20):
+                self.wfile.write(b"x")
+                self.wfile.flush()
+                time.sleep(0.2)
+            return
+        if self.path == "/flaky.json" and self.site.requests.count(self.path) == 1:  # 503, then the document
+            self.send_error(503, "try again")
+            return
         super().do_GET()
 
     def log_message(self, *args) -> None:

@@ -3,13 +3,14 @@ a generated level-0 site served on 127.0.0.1 (tests/iiif_server.py), with its fa
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
 from engine.cli import main as cli_main
 from engine.errors import InputError
 from engine.iiif.documents import display, language_map, read_document
-from engine.iiif.fetch import FetchPolicy
+from engine.iiif.fetch import FetchFailed, FetchPolicy, fetch_bytes
 from engine.iiif.harvest import IiifSource, list_iiif
 from engine.iiif.images import ImageService, choose_size, needed_side, parse_info, scale_box
 from engine.iiif.links import check_viewer, decorate_hit, hit_links
@@ -165,6 +166,18 @@ def test_bad_sources_are_input_errors_naming_them(site, tmp_path):
             list_iiif(IiifSource(site.url(path), fetch=FAST))
     with pytest.raises(InputError, match="not found"):
         list_iiif(IiifSource(str(tmp_path / "missing.json")))
+
+
+def test_requests_retry_what_may_pass_and_never_outlast_the_timeout(site):
+    site.requests.clear()
+    assert len(list_iiif(IiifSource(site.url("flaky.json"), fetch=FetchPolicy(retries=1, backoff_s=0))).canvases) == 2
+    assert site.requests.count("/flaky.json") == 2  # a 503, then the retry
+    started = time.monotonic()
+    with pytest.raises(FetchFailed, match="took longer than 0.5 s"):
+        fetch_bytes(site.url("trickle"), FetchPolicy(timeout_s=0.5, retries=0))
+    assert time.monotonic() - started < 2  # a server that trickles cannot hold a request past the timeout
+    with pytest.raises(FetchFailed, match="exceeds the limit of 10 bytes"):
+        fetch_bytes(site.url("trickle"), FetchPolicy(max_bytes=10, retries=0))
 
 
 def test_local_manifest_file_and_auto_detection_in_list_collection(site, tmp_path):

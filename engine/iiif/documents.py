@@ -182,8 +182,8 @@ def _painted_image(canvas: dict[str, Any], version: int) -> tuple[str | None, in
         bodies = [a.get("resource") for a in canvas.get("images", []) if isinstance(a, dict)]
     for body in bodies:
         body = body[0] if isinstance(body, list) and body else body
-        if isinstance(body, dict) and document_type(body) == "Choice":
-            body = next(iter(body.get("items") or []), None)
+        if isinstance(body, dict) and document_type(body) in ("Choice", "oa:Choice"):  # v3 items, v2 default
+            body = body.get("default") or next(iter(body.get("items") or body.get("item") or []), None)
         if not isinstance(body, dict):
             continue
         service, service_version = _image_service(body.get("service"))

@@ -19,6 +19,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 RETRIED_STATUS = {408, 425, 429, 500, 502, 503, 504}
 USER_AGENT = "cnclip-engine-iiif/1"
+CHUNK = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -115,14 +116,26 @@ class _Transient(Exception):
 
 
 def _get(url: str, timeout_s: float, limit: int) -> bytes:
+    """One attempt: the body, read in chunks so that neither `limit` bytes nor `timeout_s` in all (a server that
+    trickles) is ever passed."""
     request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT, "Accept": "*/*"})
+    deadline = time.monotonic() + timeout_s
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
             declared = response.headers.get("Content-Length")
             if declared is not None and declared.isdigit() and int(declared) > limit:
                 raise FetchFailed(f"{url}: {int(declared)} bytes exceeds the limit of {limit} bytes")
-            data = response.read(limit + 1)  # never more than the limit (+1 to tell that it was passed)
-    except FetchFailed:
+            chunks, size = [], 0
+            while size <= limit:
+                chunk = response.read1(min(CHUNK, limit + 1 - size))  # what has arrived; +1: to tell the limit passed
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+                if time.monotonic() > deadline:
+                    raise _Transient(f"the body took longer than {timeout_s:g} s")
+            data = b"".join(chunks)
+    except (FetchFailed, _Transient):
         raise
     except urllib.error.HTTPError as exc:
         if exc.code in RETRIED_STATUS:
