@@ -748,6 +748,12 @@ def test_draw_a_box_for_region_search_and_contains_this_detail(browser, server, 
     browser.find_element(By.ID, "against-crops").click()
     wait_search(browser)
     assert_same(wait_thumbnails(browser), similar(box="[10, 20, 210, 220]", against="crops", explain="true"))
+    browser.find_element(By.CSS_SELECTOR, "input[name=image-target][value=texts]").click()  # the region, for texts
+    wait_search(browser)
+    assert not browser.find_element(By.ID, "against-crops").is_enabled()
+    want = api.post("/v1/search/texts", files={"image": (path.name, data, "image/png")}, data={
+        "k": str(N_TEXTS), "box": "[10, 20, 210, 220]", "laclip": json.dumps(page_laclip(api))}).json()["hits"]
+    assert_same(text_results(browser), want)
 
 
 def test_duplicate_groups(browser, server, api, capabilities):
