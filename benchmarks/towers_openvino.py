@@ -1,7 +1,7 @@
 """The OpenVINO rows of the towers benchmark: OpenVINO's CPU plugin running the engine's own ONNX exports (fp32,
 int8, int8-static), plus fp32 with the bf16 inference-precision hint where the CPU has bf16 units.
 
-OpenVINO is optional (pip install -e ".[openvino]"); without it, or where a row cannot run here, the row is
+OpenVINO is optional (pip install --no-build-isolation -e ".[openvino]"); without it, or where a row cannot run here, the row is
 skipped with the reason. Each encoder follows the engine's Encoder protocol (padding trimmed as every backend
 does, outputs L2-normalised), so parity is measured the same way as for the engine's own paths.
 """
@@ -15,6 +15,7 @@ import torch
 
 from engine.backends.base import l2_normalize, trim_padding
 from engine.backends.export_reader import load_manifest
+from engine.install_hints import install_command
 
 ROWS = ("openvino-fp32", "openvino-bf16", "openvino-int8", "openvino-int8-static")
 SOURCE = {"openvino-fp32": "fp32", "openvino-bf16": "fp32", "openvino-int8": "int8",
@@ -54,7 +55,7 @@ def openvino_encoders(auto_dir: Path, selection: dict, threads: int) -> tuple[di
     """(encoders, skip reasons) for ROWS over an auto export (each row compiles its precision's sub-directory)."""
     ov = import_openvino()
     if ov is None:
-        return {}, {row: 'openvino is not installed (pip install -e ".[openvino]")' for row in ROWS}
+        return {}, {row: f"openvino is not installed ({install_command('openvino')})" for row in ROWS}
     capabilities = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     encoders, skipped = {}, {}
     for row in ROWS:

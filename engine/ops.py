@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from .errors import InputError
+from .install_hints import BUILD_COMMAND
 
 try:
     from . import _laclip_ext as _ext  # importing it registers torch.ops.cnclip.*
@@ -29,7 +30,7 @@ except ImportError as _exc:  # not built (or built against another torch)
 else:
     _IMPORT_ERROR = None
 
-BUILD_HINT = "build it with `pip install --no-build-isolation -e .` (after installing torch)"
+BUILD_HINT = f"build it with `{BUILD_COMMAND}` (after installing torch)"
 WEIGHT_MODES = ("image", "text")
 TENSOR_NAMES = ("text embeddings T", "global image embeddings G", "crop embeddings C")
 

@@ -10,6 +10,7 @@ import torch
 
 from engine.backends import Encoder
 from engine.errors import EngineError, InputError
+from engine.gallery import read_texts_jsonl
 from engine.preprocess import ImageTransform, Tokenizer, load_image
 
 THRESHOLDS = {"fp32": 0.99999, "fp16": 0.999, "bf16": 0.999, "int8": 0.99, "int8-static": 0.99}
@@ -74,14 +75,18 @@ def user_pixels(images_dir: str | Path, resolution: int, limit: int = 64) -> tor
 
 
 def user_token_ids(texts_file: str | Path, context_length: int, limit: int = 256) -> torch.Tensor:
-    """Tokenised non-empty lines of `texts_file` (first `limit`); InputError if it has none."""
+    """Tokenised texts of the JSON-lines file `texts_file` ({"text": ...} per line, as every other command reads
+    texts; the first `limit`); InputError naming the line when one is not such an object, or when there are none."""
     path = Path(texts_file)
     if not path.is_file():
         raise InputError(f"--texts {path} is not a file")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()][:limit]
-    if not lines:
-        raise InputError(f"--texts {path} has no non-empty lines")
-    return Tokenizer(context_length)(lines).ids
+    try:
+        _, texts = read_texts_jsonl(path)
+    except InputError as exc:
+        raise InputError(f"--texts takes JSON lines {{\"text\": ...}} (as python -m engine index): {exc}") from None
+    if not texts:
+        raise InputError(f"--texts {path} holds no texts (JSON lines {{\"text\": ...}})")
+    return Tokenizer(context_length)(texts[:limit]).ids
 
 
 @dataclass

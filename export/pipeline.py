@@ -27,6 +27,7 @@ from engine.backends.export_manifest import MANIFEST_NAME, ExportManifest, Tower
 from engine.backends.export_reader import open_encoder
 from engine.backends.versions import package_versions
 from engine.errors import InputError
+from engine.install_hints import require
 from engine.models import LoadedModel, load_model
 from engine.preprocess import DEFAULT_CONTEXT_LENGTH
 from engine.towers import PAD_ID
@@ -44,6 +45,8 @@ AUTO_CANDIDATES = {"onnx": ("fp32", "int8", "int8-static"), "tensorrt": ("fp32",
 AUTO_TORCH = ("bf16", "bf16-compiled", "int8-text")  # torch fp32 is the reference: never faster than ONNX fp32
 AUTO_REPEATS = 5
 TENSORRT_PRECISIONS = ("fp32", "fp16")
+# what every export runs (torch.onnx.export, fp16 conversion, ONNX Runtime parity and quantisation): the onnx extra
+EXPORT_MODULES = ("onnx", "onnxscript", "onnxruntime", "onnxconverter_common")
 
 
 @dataclass
@@ -227,6 +230,7 @@ def export_model(model: str, out: str | Path, checkpoint: str | Path | None = No
     (for `precision="auto"`: when no candidate passes). `random_weights`: the model's structure with seeded random
     weights instead of a checkpoint (timing an export without downloading one)."""
     _check_arguments(fmt, precision)
+    require(EXPORT_MODULES, "onnx", "an export")
     out = Path(out)
     _check_target(out)
     loaded = load_model(checkpoint, model, random_weights=random_weights)

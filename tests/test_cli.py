@@ -46,11 +46,23 @@ def test_index_shows_progress_then_search_returns_payloads(folder: Path, tiny_ch
     assert sorted(h["id"] for h in hits) == ["0", "2", "4", "sub/1", "sub/3"]
     assert {h["id"]: h["payload"]["source"] for h in hits}["sub/3"] == "sub/3.png"
     assert main(["search", "--index", str(out), "--image", str(folder / "imgs" / "0.png"), "-k", "2"]) == 0
-    shown = capsys.readouterr().out
-    assert "一只猫" in shown and "山水之间的古寺" in shown
+    shown = capsys.readouterr().out.splitlines()
+    assert shown[0].split() == ["rank", "score", "id", "text"] and len(shown) == 3   # a header, then the hits
+    assert "一只猫" in "".join(shown) and "山水之间的古寺" in "".join(shown)
+    assert main(["search", "--index", str(out), "--text", "一只猫", "-k", "2"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].split() == ["rank", "score", "id", "source"]
     assert main(_index_args(folder, out, tiny_checkpoint)) == 0  # a rerun resumes: nothing new
     resumed = capsys.readouterr().out
     assert "added 0 images (5 already indexed, 0 bad skipped) and 0 texts (2 already indexed)" in resumed
+
+
+def test_a_texts_only_index_reports_no_image_segments(folder: Path, tiny_checkpoint: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    args = ["index", "--model", "tiny", "--checkpoint", str(tiny_checkpoint), "--texts", str(folder / "texts.jsonl"),
+            "--out", str(tmp_path / "texts-only"), "--crops", "0"]
+    assert main(args) == 0
+    said = capsys.readouterr().out
+    assert "and 2 texts (0 already indexed) ->" in said and "segments" not in said
 
 
 def test_bad_image_fails_naming_it_and_skip_bad_reports_it(folder: Path, tiny_checkpoint: Path, tmp_path: Path,

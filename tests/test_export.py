@@ -310,8 +310,9 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_exports_with_user_images_and_texts(tiny_checkpoint, image_dir, tmp_path):
-    texts = tmp_path / "texts.txt"
-    texts.write_text("\n".join(SAMPLE_TEXTS) + "\n\n", encoding="utf-8")
+    texts = tmp_path / "texts.jsonl"   # JSON lines, as every other command reads texts
+    texts.write_text("".join(json.dumps({"text_id": i, "text": t}, ensure_ascii=False) + "\n"
+                             for i, t in enumerate(SAMPLE_TEXTS)) + "\n", encoding="utf-8")
     out = tmp_path / "int8"
     done = _cli("--model", "tiny", "--checkpoint", str(tiny_checkpoint), "--out", str(out), "--format", "onnx",
                 "--precision", "int8", "--images", str(image_dir), "--texts", str(texts))
@@ -319,7 +320,18 @@ def test_cli_exports_with_user_images_and_texts(tiny_checkpoint, image_dir, tmp_
     parity = load_manifest(out).parity
     assert parity["vision"]["user"]["count"] == 12 and parity["text"]["user"]["count"] == len(SAMPLE_TEXTS)
     assert min(parity[t][s]["min"] for t in ("vision", "text") for s in ("generated", "user")) >= THRESHOLDS["int8"]
-    assert json.loads(done.stdout)["precision"] == "int8"
+    lines = done.stdout.splitlines()   # a short report that says which precision it chose, not a JSON dump
+    assert lines[0] == f"exported tiny to {out}: precision int8 (as asked)" and len(lines) == 3
+    assert lines[1].startswith("parity, min cosine vs fp32 PyTorch: vision 0.9") and "threshold 0.99" in lines[1]
+
+
+def test_cli_texts_are_json_lines_and_plain_lines_are_refused_by_line(tiny_checkpoint, tmp_path):
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(SAMPLE_TEXTS), encoding="utf-8")
+    out = tmp_path / "x"
+    done = _cli("--model", "tiny", "--checkpoint", str(tiny_checkpoint), "--out", str(out), "--texts", str(texts))
+    assert done.returncode == 1 and not out.exists()
+    assert done.stderr.startswith('error: --texts takes JSON lines {"text": ...}') and f"{texts} line 1" in done.stderr
 
 
 def test_cli_reports_errors_without_traceback(tiny_checkpoint, tmp_path):

@@ -15,12 +15,13 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError, InputError
+from ..install_hints import install_command
 from .base import l2_normalize, trim_padding
 
 _LEVELS = ("disabled", "basic", "extended", "all")
 CUDA_PROVIDER = "CUDAExecutionProvider"
 CUDA_OPTIONS = {"use_tf32": "0", "cudnn_conv_algo_search": "HEURISTIC"}
-INSTALL_HINT = 'pip install -e ".[onnx]"'
+INSTALL_HINT = install_command("onnx")
 
 
 def import_onnxruntime():
@@ -28,7 +29,8 @@ def import_onnxruntime():
     try:
         import onnxruntime
     except ImportError as exc:
-        raise InputError(f"ONNX exports need onnxruntime: {INSTALL_HINT} (onnxruntime-gpu for CUDA)") from exc
+        raise InputError(f"ONNX exports need onnxruntime: {INSTALL_HINT} (for CUDA also "
+                         f"{install_command('gpu')})") from exc
     return onnxruntime
 
 

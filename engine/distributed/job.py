@@ -94,7 +94,8 @@ class IndexReport:
     def summary(self) -> str:
         return (f"added {self.images_added} images ({self.images_already_indexed} already indexed, "
                 f"{len(self.problems)} bad skipped) and {self.texts_added} texts "
-                f"({self.texts_already_indexed} already indexed) in {self.segments} segments"
+                f"({self.texts_already_indexed} already indexed)"
+                + (f" in {self.segments} image segments" if self.segments else "")
                 + (f"; imported {self.embeddings_imported} embeddings ({self.embeddings_already_indexed} "
                    "already indexed)" if self.embeddings_imported or self.embeddings_already_indexed else ""))
 

@@ -12,12 +12,13 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 from ..errors import EngineError
+from ..install_hints import install_command
 from ..records import Problem
 from ..sources import ImageRef
 from .stages import Batch, EncodeStage, EncoderSpec, PrepareStage, WriteStage, ref_columns, ref_rows
 from .watchdog import Heartbeats, Sizing, Watchdog, plan_resources
 
-RAY_MISSING = ('Ray is not installed: install the distributed extra, pip install -e ".[distributed]" '
+RAY_MISSING = (f"Ray is not installed: install the distributed extra, {install_command('distributed')} "
                '(or pip install "ray[data]>=2.9")')
 LOCAL = "local"
 

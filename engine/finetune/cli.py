@@ -15,7 +15,7 @@ from .train import FinetuneResult, finetune, resume
 
 _D = FinetuneConfig.__dataclass_fields__
 # Only these may be given with --resume: they change where and how fast the run goes, not its result.
-_RESUME_OPTIONS = ("device", "num_workers", "stop_after_steps", "progress")
+_RESUME_OPTIONS = ("device", "num_workers", "threads", "stop_after_steps", "progress")
 
 
 def _default(name: str) -> object:
@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="auto: bf16 autocast on GPU, fp32 on CPU")
     memory.add_argument("--device", help="cpu or cuda (under torchrun each rank takes cuda:LOCAL_RANK)")
     memory.add_argument("--num-workers", type=int, help="image decoding worker processes (default 0)")
+    memory.add_argument("--threads", type=int, help="CPU torch threads per rank (default: $OMP_NUM_THREADS, else the "
+                                                    "cores the machine's load leaves free less one, at most 4)")
     valid = p.add_argument_group("validation and checkpoints")
     valid.add_argument("--valid-every", type=int, default=_default("valid_every"),
                        help="validate (and save) every N steps; also at step 0, the end of stage 1 and the end")
@@ -92,7 +94,7 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         weight_decay=args.weight_decay, warmup_steps=args.warmup, grad_clip=args.grad_clip,
         context_length=args.context_length, dropout=args.dropout, grad_cache_chunk=args.grad_cache_chunk,
         grad_checkpointing=args.grad_checkpointing, precision=args.precision, device=args.device or "cpu",
-        num_workers=args.num_workers or 0, seed=args.seed, valid_every=args.valid_every,
+        num_workers=args.num_workers or 0, threads=args.threads, seed=args.seed, valid_every=args.valid_every,
         valid_batch_size=args.valid_batch_size, laclip=laclip, early_stop=args.early_stop,
         save_every=args.save_every, stop_after_steps=args.stop_after_steps, progress=args.progress,
     )
@@ -127,9 +129,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             conflicts = _resume_conflicts(argv)
             if conflicts:
                 parser.error(f"{', '.join(conflicts)} cannot change a run; --resume takes them from "
-                             f"{args.resume}/config.json (allowed: --device, --num-workers, --stop-after-steps)")
+                             f"{args.resume}/config.json (allowed: --device, --num-workers, --threads, "
+                             "--stop-after-steps)")
             result = resume(args.resume, stop_after_steps=args.stop_after_steps, device=args.device,
-                            num_workers=args.num_workers, progress=args.progress)
+                            num_workers=args.num_workers, threads=args.threads, progress=args.progress)
         else:
             result = finetune(config_from_args(args, parser))
     except EngineError as exc:

@@ -54,6 +54,7 @@ class FinetuneConfig:
     precision: Precision = "auto"
     device: str = "cpu"
     num_workers: int = 0
+    threads: int | None = None  # CPU torch threads; None: $OMP_NUM_THREADS if set, else threads.default_threads
     seed: int = 0
     valid_every: int = 200
     valid_batch_size: int = 64
@@ -73,7 +74,7 @@ class FinetuneConfig:
         for name in ("stage1_epochs", "stage2_epochs", "stop_after_steps"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), 0)
-        for name in ("grad_cache_chunk", "early_stop", "save_every"):
+        for name in ("grad_cache_chunk", "early_stop", "save_every", "threads"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), 1)
         if self.context_length < 3:

@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import InputError
+from ..install_hints import install_command
 
 
 def plot_curves(rows: Sequence[dict[str, Any]], path: Path) -> None:
@@ -12,7 +13,7 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: Path) -> None:
     try:
         import matplotlib
     except ImportError as exc:
-        raise InputError('the training plot needs matplotlib: pip install -e ".[finetune]"') from exc
+        raise InputError(f"the training plot needs matplotlib: {install_command('finetune')}") from exc
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 

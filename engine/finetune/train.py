@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import sys
 import time
 import warnings
 from dataclasses import dataclass, replace
@@ -19,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import EngineError, InputError
+from ..install_hints import require
 from ..models import LoadedModel, build_model, get_spec, load_model, load_weights
 from . import checkpoint as ckpt
 from . import distributed
@@ -28,6 +31,7 @@ from .gradcache import StepInputs, step_gradients
 from .loss import average_gradients
 from .plot import plot_curves
 from .schedule import build_optimizer, lr_at
+from .threads import default_threads, machine_cores, machine_load
 from .validate import validate
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -65,7 +69,8 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
 
 
 def resume(run_dir: str | Path, *, stop_after_steps: int | None = None, device: str | None = None,
-           num_workers: int | None = None, progress: bool | None = None) -> FinetuneResult:
+           num_workers: int | None = None, threads: int | None = None, progress: bool | None = None
+           ) -> FinetuneResult:
     """Continue a run from RUN_DIR/checkpoints/epoch_latest.pt exactly where it stopped (optimizer, schedule,
     data order and random state); only settings that do not change the result may be given anew."""
     run_dir = Path(run_dir)
@@ -75,6 +80,8 @@ def resume(run_dir: str | Path, *, stop_after_steps: int | None = None, device: 
         changes["device"] = device
     if num_workers is not None:
         changes["num_workers"] = num_workers
+    if threads is not None:
+        changes["threads"] = threads
     return _Run(replace(config, **changes), resume_state=ckpt.load_training_checkpoint(run_dir)).train()
 
 
@@ -115,15 +122,32 @@ class _Run:
     # ---- set-up ------------------------------------------------------------------------------------------
 
     def train(self) -> FinetuneResult:
+        # optional dependencies first: a missing one must stop the run before any file or step
+        require(("matplotlib",), "finetune", "fine-tuning's training plot (RUN_DIR/curves.png)")
         self.ranks = distributed.setup(self.config.device)
+        threads = torch.get_num_threads()
         try:
             self._prepare()
             return self._loop()
         finally:
+            torch.set_num_threads(threads)  # the caller's setting again
             distributed.teardown(self.ranks)
+
+    def _set_threads(self) -> None:
+        """CPU torch threads: --threads, else $OMP_NUM_THREADS (torch already follows it), else the free cores."""
+        config, ranks = self.config, self.ranks
+        if ranks.device.type != "cpu" or (config.threads is None and os.environ.get("OMP_NUM_THREADS")):
+            return
+        cores, load = machine_cores(), machine_load()
+        threads = config.threads or default_threads(cores, load, ranks.world_size)
+        torch.set_num_threads(threads)
+        if ranks.main and config.progress is not False:
+            how = "--threads" if config.threads else f"{cores} cores, load {load:.1f}; --threads N to change"
+            print(f"fine-tuning on the CPU with {threads} torch thread(s) per rank ({how})", file=sys.stderr)
 
     def _prepare(self) -> None:
         config, ranks = self.config, self.ranks
+        self._set_threads()
         self.precision = resolve_precision(config, ranks.device)
         if config.batch_size % ranks.world_size:
             raise InputError(f"batch size {config.batch_size} is not divisible by the {ranks.world_size} ranks")

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Callable
 
@@ -52,6 +53,15 @@ def docs_assets() -> Path:
     return Path(fastapi_offline.__file__).parent / "static"
 
 
+def package_version() -> str:
+    """The installed package's version (pyproject.toml's), shown on /docs; "unknown" in a source tree that was
+    built in place but never installed (`python setup.py build_ext --inplace`)."""
+    try:
+        return version("cnclip-engine")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def create_app(core: ServerCore, metrics: ServerMetrics, *, policy: AccessPolicy = AccessPolicy(),
                limits: HttpLimits = HttpLimits(),
                on_fatal: Callable[[BaseException], None] | None = None) -> FastAPI:
@@ -76,7 +86,7 @@ def create_app(core: ServerCore, metrics: ServerMetrics, *, policy: AccessPolicy
         await core.close()
         log.info("shut down: queues drained")
 
-    app = FastAPI(title="cnclip-engine retrieval server", version="0.2.0", lifespan=lifespan,
+    app = FastAPI(title="cnclip-engine retrieval server", version=package_version(), lifespan=lifespan,
                   description="Chinese-CLIP text<->image retrieval with dynamic batching. " + (__doc__ or ""),
                   docs_url=None, redoc_url=None)
     app.add_middleware(ErrorGuard)
