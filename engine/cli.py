@@ -10,6 +10,7 @@ from typing import Sequence
 from .backends.torch_backend import PRECISION_CHOICES
 from .cli_common import add_laclip_arguments, laclip_from_args, report_error
 from .errors import EngineError
+from .install_hints import install_command
 from .models import available_models
 
 
@@ -86,7 +87,7 @@ def _index_parser(index: argparse.ArgumentParser) -> None:
     run.add_argument("--progress-every", type=int, default=1000,
                      help="without a terminal, print a progress line every N images")
     run.add_argument("--quiet", action="store_true", help="no progress output")
-    ray = index.add_argument_group("Ray (pip install -e \".[distributed]\")")
+    ray = index.add_argument_group(f"Ray ({install_command('distributed')})")
     ray.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
                      help="run on Ray: no value or 'local' starts a local Ray; 'auto' joins this machine's "
                           "cluster; ray://HOST:10001 or HOST:6379 joins that cluster")
@@ -154,10 +155,11 @@ def run_search(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([{"id": h.id, "score": h.score, "payload": h.payload} for h in hits], ensure_ascii=False))
         return 0
+    print(f"{'rank':>4}  {'score':>7}  id  {'source' if args.text is not None else 'text'}")
     for rank, hit in enumerate(hits, 1):
         payload = hit.payload or {}
         shown = payload.get("text", payload.get("source", ""))
-        print(f"{rank:>3}  {hit.score:+.4f}  {hit.id}  {shown}".rstrip())
+        print(f"{rank:>4}  {hit.score:+.4f}  {hit.id}  {shown}".rstrip())
     return 0
 
 
