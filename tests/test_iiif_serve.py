@@ -13,6 +13,8 @@ from fastapi.testclient import TestClient
 
 from engine.errors import InputError
 from engine.iiif.search_service import SEARCH_CONTEXT, manifest_key, search_page
+from engine.laclip import LaclipConfig
+from engine.serve.__main__ import build_parser, config_from_args
 from engine.serve.app import create_app
 from engine.serve.core import ServeConfig, ServerCore
 from engine.serve.guards import AccessPolicy
@@ -89,7 +91,7 @@ def site(tmp_path_factory):
 @pytest.fixture(scope="module")
 def client(tiny_checkpoint, tmp_path_factory):
     config = ServeConfig(model="tiny", checkpoint=str(tiny_checkpoint), index_dir=tmp_path_factory.mktemp("idx"),
-                         iiif_viewer=VIEWER)
+                         laclip=LaclipConfig(), iiif_viewer=VIEWER)  # LACLIP: hits have crop evidence
     app = create_app(ServerCore(config), ServerMetrics(), policy=AccessPolicy(api_key=KEY))
     with TestClient(app) as test_client:
         deadline = time.monotonic() + 120
@@ -132,7 +134,8 @@ def test_index_route_reports_bad_canvases_and_refuses_local_files(client, site, 
 
 
 def test_image_hits_carry_iiif_links_and_the_viewer_url(client, site, indexed):
-    hits = client.post("/v1/search/images", json={"query": "敦煌壁画", "k": 5}, headers=AUTH).json()["hits"]
+    hits = client.post("/v1/search/images", json={"query": "敦煌壁画", "k": 5, "explain": False},
+                       headers=AUTH).json()["hits"]
     hit = next(h for h in hits if h["id"] == site.url("m3/canvas/0"))
     links = hit["payload"]["iiif"]
     assert links["image"] == site.url("iiif3/img0/full/max/0/default.jpg")
@@ -164,7 +167,11 @@ def test_search_inside_one_manifest_by_key_or_within(client, site, indexed):
     jsonschema.validate(page, ANNOTATION_PAGE)
     targets = [a["target"] for a in page["items"]]
     assert sorted(t.split("#")[0] for t in targets) == [site.url(f"m3/canvas/{n}") for n in range(3)]
-    assert all(t.endswith("#xywh=0,0,2400,1600") for t in targets)
+    explained = client.post("/v1/search/images", json={"query": "飞天", "k": 3, "explain": True, "where": {
+        "manifest": site.url("m3/manifest.json")}}, headers=AUTH).json()["hits"]
+    assert targets == [h["payload"]["iiif"]["canvas"] for h in explained]  # each canvas's best crop
+    assert all(h["payload"]["iiif"]["region"].startswith(site.url("iiif3/img")) for h in explained)
+    assert not any(t.endswith("#xywh=0,0,2400,1600") for t in targets)  # a crop, not the whole canvas
     within = client.get("/iiif/search", params={"q": "飞天", "within": site.url("m3/manifest.json")}).json()
     assert [a["target"] for a in within["items"]] == targets and "within=" in within["id"]
 
@@ -200,6 +207,15 @@ def test_manifests_follow_the_index_after_a_delete(client, site, indexed):
         site.url("m3/canvas/0"), site.url("m3/canvas/1")]
     page = client.get(f"/iiif/search/{key}", params={"q": "飞天"}).json()
     assert sorted(a["target"].split("#")[0] for a in page["items"]) == [site.url(f"m3/canvas/{n}") for n in (0, 1)]
+
+
+def test_the_viewer_flag_is_checked_and_reaches_the_config(capsys):
+    parser = build_parser()
+    config = config_from_args(parser, parser.parse_args(["--model", "tiny", "--in-memory", "--iiif-viewer", VIEWER]))
+    assert config.iiif_viewer == VIEWER
+    with pytest.raises(SystemExit):
+        config_from_args(parser, parser.parse_args(["--model", "tiny", "--iiif-viewer", "javascript:alert(1)"]))
+    assert "{manifest}" in capsys.readouterr().err
 
 
 def test_search_pages_link_each_other_and_refuse_pages_past_the_end():

@@ -17,7 +17,7 @@ from ..errors import InputError
 from ..iiif.fetch import FetchPolicy, fetch_image, fetch_many, is_url
 from ..iiif.harvest import IiifSource, list_iiif
 from ..iiif.images import needed_side
-from ..iiif.links import decorate_hit, is_iiif_payload
+from ..iiif.links import is_iiif_payload
 from ..iiif.search_service import (MAX_RESULTS, PRESENTATION_CONTEXT, SEARCH_CONTEXT, ignored_parameters,
                                    manifest_document, manifest_key, search_page)
 from ..preprocess import load_image
@@ -124,16 +124,13 @@ def build_iiif_router(core: ServerCore) -> APIRouter:
                       params: dict[str, str]) -> JSONResponse:
         if not q.strip():
             raise InputError("q: give the text to search for (?q=...)")
-        encoded = await core.encode_text([q])
-        retriever = core.retriever
-        live = retriever.index.snapshot().live("images")
+        live, _ = core.counts()
         where = {"manifest": manifest} if manifest else {"canvas": {"$exists": True}}
         hits: Sequence[Any] = []
-        if live:
-            found = await run_in_threadpool(retriever.search_image_embeddings, encoded.values[0][None],
-                                            min(MAX_RESULTS, live), where=where,
-                                            explain=retriever.laclip is not None)
-            hits = [decorate_hit(h, core.config.iiif_viewer) for h in found[0] if is_iiif_payload(h.payload)]
+        if live:  # ranked, with crop evidence on a LACLIP index; core.search_images adds payload["iiif"]
+            found = await core.search_images([q], min(MAX_RESULTS, live), where=where,
+                                             explain=core.retriever.laclip is not None)
+            hits = [h for h in found.values[0] if is_iiif_payload(h.payload)]
         answer = search_page(service, q, hits, page, scoped=manifest is not None, params=params,
                              ignored=ignored_parameters(request.query_params))
         return JSONResponse(answer, media_type=SEARCH_TYPE, headers=OPEN)
