@@ -29,6 +29,7 @@ from .ids import Id, check_ids, default_ids, id_key
 from .duplicates import DEFAULT_DUPLICATE_THRESHOLD, DuplicateGroups, check_threshold, find_duplicates, groups_json
 from .evidence import crop_evidence
 from .index import AnnConfig, ImageRows, Index, IndexManifest, Snapshot
+from .index.manifest import identity_mismatch
 from .index.search import Found
 from .index.thumbnails import make_thumbnail
 from .laclip import LaclipConfig, ScoreConfig, crop_boxes
@@ -180,8 +181,7 @@ class Retriever:
                   ("LACLIP crops", ours.crops, theirs.crops)]
         for what, mine, stored in checks:
             if mine != stored:
-                raise IndexFormatError(f"index {source} was built with {what} {stored!r}, "
-                                       f"but this retriever has {mine!r}")
+                raise identity_mismatch(source, what, stored, mine, theirs.checkpoint_path)
         index.manifest = theirs.with_laclip(self.laclip)
         self.index = index
 

@@ -434,3 +434,67 @@ def test_serves_an_onnx_export(tmp_path):
         assert_same_hits(hits["hits"], direct.search_texts(png(4), k=3))
     finally:
         srv.stop(signal.SIGKILL)
+
+
+# ---- the first hour: --model from the index, --gallery --skip-bad, the mismatch advice --------------------------
+
+def _tiny_index(tmp_path: Path, checkpoint: Path) -> Path:
+    retriever = Retriever.from_checkpoint(checkpoint, "tiny", laclip=LaclipConfig(num_crops=2), progress=False)
+    retriever.add_texts(SAMPLE_TEXTS[:2])
+    retriever.save(tmp_path / "index")
+    return tmp_path / "index"
+
+
+def _config(argv: list[str]):
+    from engine.serve.__main__ import build_parser, config_from_args
+
+    parser = build_parser()
+    return config_from_args(parser, parser.parse_args(argv))
+
+
+def test_serve_takes_the_model_from_the_index(tmp_path, tiny_checkpoint, capsys):
+    index_dir = _tiny_index(tmp_path, tiny_checkpoint)
+    assert _config(["--index", str(index_dir)]).model == "tiny"
+    with pytest.raises(SystemExit):
+        _config(["--index", str(index_dir), "--model", "RN50"])
+    said = capsys.readouterr().err
+    assert f"--model RN50: the index at {index_dir} was built with 'tiny'" in said and "leave out --model" in said
+    with pytest.raises(SystemExit):
+        _config(["--index", str(tmp_path / "new")])     # no index there yet: the model must be given
+    assert "--model is required (unless --index names an existing index" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _config(["--model", "tiny", "--skip-bad"])
+    assert "--skip-bad is for --gallery" in capsys.readouterr().err
+
+
+def test_gallery_names_every_bad_image_and_skip_bad_leaves_them_out(tmp_path, tiny_checkpoint):
+    from engine.records import DatasetError
+    from engine.serve.core import index_gallery
+
+    gallery = tmp_path / "gallery"
+    gallery.mkdir()
+    for i in range(2):
+        (gallery / f"{i}.png").write_bytes(png(i))
+    (gallery / "empty.png").write_bytes(b"")
+    (gallery / "junk.jpg").write_bytes(b"not an image")
+    retriever = Retriever.from_checkpoint(tiny_checkpoint, "tiny", progress=False)
+    with pytest.raises(DatasetError) as caught:
+        index_gallery(retriever, gallery, None)
+    said = str(caught.value)
+    assert said.startswith("2 bad records") and f"{gallery / 'empty.png'}: empty file" in said
+    assert f"{gallery / 'junk.jpg'}: not a readable image" in said and len(retriever.index.image_ids) == 0
+    index_gallery(retriever, gallery, None, skip_bad=True)
+    assert retriever.index.image_ids == ["0", "1"]
+
+
+def test_serving_other_weights_over_an_index_says_what_to_do(tmp_path, tiny_checkpoint):
+    from engine.errors import IndexFormatError
+    from engine.models import build_random_model, get_spec, save_checkpoint
+
+    index_dir = _tiny_index(tmp_path, tiny_checkpoint)
+    other = save_checkpoint(build_random_model(get_spec("tiny"), seed=99), tmp_path / "finetuned.pt")
+    with pytest.raises(IndexFormatError) as caught:
+        Retriever.load(index_dir, checkpoint=other)
+    said = str(caught.value)
+    assert "was built with checkpoint hash" in said and f"({tiny_checkpoint}: leave out --checkpoint)" in said
+    assert "index your collection again with these weights into another directory (a new --index)" in said

@@ -129,3 +129,23 @@ class IndexManifest:
                        data["dtype"], data.get("text_pipeline"), AnnConfig(**ann), version)
         except (KeyError, TypeError, ValueError) as exc:
             raise IndexFormatError(f"{source}: damaged manifest ({exc.__class__.__name__}: {exc})") from exc
+
+
+MISMATCH_ADVICE = {
+    "model": "open it with the model it records (python -m engine.serve --index DIR takes it from the index when "
+             "--model is left out), or build a new index for this model in another directory",
+    "checkpoint hash": "its vectors were made with other weights and cannot be mixed with these: serve it with the "
+                       "checkpoint it was built with{recorded}, or index your collection again with these weights "
+                       "into another directory (a new --index)",
+}
+
+
+def identity_mismatch(source: str, what: str, stored: Any, mine: Any,
+                      checkpoint_path: str | None = None) -> IndexFormatError:
+    """The error for opening the index at `source` with another model, checkpoint or encoding setting than it
+    was built with: both values, and what to do about it."""
+    advice = MISMATCH_ADVICE.get(what, "open it with the settings it records (leave the option out), or build a "
+                                       "new index with these settings in another directory")
+    recorded = f" ({checkpoint_path}: leave out --checkpoint)" if checkpoint_path else ""
+    return IndexFormatError(f"index {source} was built with {what} {stored!r}, but this retriever has {mine!r}: "
+                            + advice.format(recorded=recorded))

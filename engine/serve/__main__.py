@@ -18,6 +18,8 @@ from ..cli_common import add_laclip_arguments, laclip_from_args
 from ..errors import EngineError
 from ..iiif.links import check_viewer
 from ..install_hints import install_command
+from ..index import COMMIT, read_commit
+from ..index.opening import manifest_of
 from ..models import available_models
 from .app import HttpLimits, create_app
 from .cluster import ClusterOptions
@@ -37,12 +39,24 @@ def default_index_dir(model: str | None) -> Path:
     return base / "cnclip-engine" / f"index-{model or 'export'}"
 
 
+def recorded_model(p: argparse.ArgumentParser, index_dir: Path | None) -> str | None:
+    """The model an existing index at `index_dir` was built with (its manifest; with it, its checkpoint path,
+    context length and LACLIP settings are taken from the index too), or None when no index is there yet."""
+    if index_dir is None or not (index_dir / COMMIT).is_file():
+        return None
+    try:
+        return manifest_of(index_dir, read_commit(index_dir)).model
+    except EngineError as exc:
+        p.error(f"--index {index_dir}: {exc}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     d, limits, serve = BatcherConfig(), HttpLimits(), ServeConfig()
     p = argparse.ArgumentParser(prog="python -m engine.serve", description=__doc__)
     p.add_argument("--model", choices=available_models(),
-                   help="model structure (required unless --export, whose manifest names it); 'tiny' with no "
-                        "checkpoint runs offline on random weights")
+                   help="model structure (default: the one an existing --index records; required otherwise, "
+                        "unless --export, whose manifest names it); 'tiny' with no checkpoint runs offline on "
+                        "random weights")
     p.add_argument("--checkpoint", help="cn_clip checkpoint (.pt); default: the official weights for --model")
     p.add_argument("--random-weights", action="store_true",
                    help="seeded random weights for any model (benchmarks and trials only; no real retrieval)")
@@ -65,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "to the folder without suffix, file stems directly inside; only images not yet indexed); saved "
                    f"to --index (default GALLERY/{INDEX_SUBDIR})")
     p.add_argument("--texts", type=Path, help="with --gallery: JSON lines {\"text_id\"|\"id\": ..., \"text\": ...}")
+    p.add_argument("--skip-bad", action="store_true", help="with --gallery: leave out (and log) images that do not "
+                   "decode; without it the server refuses to start, naming every one")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default=serve.device)
@@ -131,8 +147,15 @@ def config_from_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> Se
         p.error(f"--export {args.export}: not a directory")
     if args.export is not None and args.precision != "fp32":
         p.error("--precision is for PyTorch towers; an --export directory holds its own precisions")
+    recorded = recorded_model(p, args.index)
+    if args.model is not None and recorded is not None and args.model != recorded:
+        p.error(f"--model {args.model}: the index at {args.index} was built with {recorded!r}; leave out --model "
+                "(it is taken from the index) or give another --index for a new index")
+    args.model = args.model or (recorded if args.export is None else None)
     if args.export is None and args.model is None:
-        p.error("--model is required (unless --export, whose manifest names the model)")
+        p.error("--model is required (unless --index names an existing index, or --export: each records the model)")
+    if args.skip_bad and args.gallery is None:
+        p.error("--skip-bad is for --gallery")
     if args.in_memory and args.index is not None:
         p.error("--in-memory and --index are exclusive")
     if args.read_only and (args.index is None or not (args.index / "index.json").is_file()):
@@ -167,6 +190,7 @@ def config_from_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> Se
                        export_dir=args.export, backend=args.backend, index_dir=index_dir, gallery=args.gallery,
                        texts=args.texts, laclip=laclip, device=args.device, precision=args.precision, batch=batch,
                        workers=args.workers, max_pixels=args.max_pixels, read_only=args.read_only, cluster=cluster,
+                       skip_bad=args.skip_bad,
                        verify_on_start=args.verify_on_start, iiif_viewer=args.iiif_viewer)
 
 

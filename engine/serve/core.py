@@ -34,6 +34,7 @@ from ..index.filters import payload_keys
 from ..index.verification import verify_index
 from ..laclip import LaclipConfig
 from ..preprocess import DEFAULT_MAX_PIXELS
+from .gallery_check import usable_gallery_images
 from ..retriever import Hit, ImageEmbeddings, PreparedImages, Retriever, negative_texts
 from .cluster import Cluster, ClusterOptions
 from .errors import IndexWriteError, NotFound, NotReady
@@ -64,6 +65,7 @@ class ServeConfig:
     cluster: ClusterOptions | None = None  # score on Ray Serve shards of --index (engine.serve.cluster)
     verify_on_start: bool = False  # read the whole index against its checksums before serving it
     iiif_viewer: str | None = None  # viewer URL pattern for IIIF hits, with {manifest} and {canvas} (engine.iiif.links)
+    skip_bad: bool = False  # --gallery: leave out (and log) images that do not decode instead of refusing to start
 
 
 @dataclass(frozen=True)
@@ -107,11 +109,12 @@ def build_retriever(config: ServeConfig) -> Retriever:
     return retriever
 
 
-def index_gallery(retriever: Retriever, gallery: Path, texts: Path | None) -> None:
+def index_gallery(retriever: Retriever, gallery: Path, texts: Path | None, skip_bad: bool = False) -> None:
     """Add the folder's images (ids by engine.gallery's folder-id rule) and the JSON-lines texts not yet in the
     index."""
     index = retriever.index
     images = [(i, p) for i, p in folder_images(gallery) if not index.has_image(i)]
+    images = usable_gallery_images(images, skip_bad, retriever.max_pixels)  # every bad file named up front
     retriever.progress = True
     if images:  # "source": the path relative to the folder, as `python -m engine index --images` stores it
         retriever.add_images([p for _, p in images], [i for i, _ in images],
@@ -161,7 +164,7 @@ class ServerCore:
         retriever = build_retriever(self.config)
         retriever.index.read_only = self.config.read_only
         if self.config.gallery is not None:
-            index_gallery(retriever, self.config.gallery, self.config.texts)
+            index_gallery(retriever, self.config.gallery, self.config.texts, self.config.skip_bad)
         if self.config.cluster is not None:  # the shards open what the gallery committed
             self.cluster = Cluster(self.config.index_dir, self.config.cluster).start()
             retriever.index.scatter = self.cluster.scan
