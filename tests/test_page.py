@@ -650,6 +650,8 @@ def test_filter_field_sends_where(browser, server, api, capabilities):
                                                "where": {"dynasty": "唐"}}).json()["hits"]
     assert sorted(str(h["id"]) for h in want) == ["唐-1", "唐-2"]
     assert_same(wait_thumbnails(browser), want)
+    assert "1–2 / 2" in browser.find_element(By.ID, "status").text  # fewer hits than asked: all there is
+    assert browser.find_element(By.ID, "next-page").get_property("disabled")
     fill_filter_row(browser, 1, "year", "$gte", "720")  # 720 is read as a number
     search(browser, "山")
     wait_search(browser)

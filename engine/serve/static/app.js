@@ -100,7 +100,6 @@ const SEARCHES = {
   },
   duplicates: {
     results: "groups",
-    limit: () => available("images"),
     run: (threshold) => getJson(`/v1/index/duplicates?threshold=${encodeURIComponent(threshold)}&limit=100`),
   },
 };
@@ -128,18 +127,23 @@ async function runSearch(search, offset = 0, { focusStatus = false } = {}) {
   try {
     await refreshCounts();
     await loadIndexExtras();
-    const limit = search.spec.limit();
     if (search.spec.results === "groups") {
       const body = await search.spec.run(search.query);
       if (generation !== state.generation) return;
       renderGroups(search, body);
-    } else if (limit < 1) {
-      renderResults(search, [], { offset: 0, k: 0, limit: 0 });
+    } else if (search.spec.limit() < 1) {
+      clearResults();
+      const empty = search.spec.results === "images" ? "索引中没有图片。 The index holds no images."
+        : "索引中没有文字。 The index holds no texts.";
+      setStatus(`${search.label} · ${empty}`);
     } else {
+      const limit = search.spec.limit();
       const k = Math.min(offset + pageSize(), limit);
       const body = await search.spec.run(search.query, k);
       if (generation !== state.generation) return;
-      renderResults(search, body.hits.slice(offset, k), { offset, k, limit, truncated: body.truncated === true });
+      // fewer hits than asked for (a filter, collapsed duplicates): that is all there is
+      const total = body.hits.length < k ? body.hits.length : limit;
+      renderResults(search, body.hits.slice(offset, k), { offset, k, total, truncated: body.truncated === true });
     }
     $("results").dataset.state = "done";
   } catch (err) {
@@ -326,14 +330,12 @@ function loadThumbnails(list, hits) {
   list.querySelectorAll("li.card img").forEach((img, i) => loadThumbnail(img, hits[i].id));
 }
 
-function renderResults(search, hits, { offset, k, limit, truncated = false }) {
+/** Hits offset+1..offset+hits.length of `total` (Infinity when not known); k is how many were asked for. */
+function renderResults(search, hits, { offset, k, total, truncated = false }) {
   clearResults();
   const images = search.spec.results === "images";
   if (hits.length === 0) {
-    const empty = limit < 1
-      ? (images ? "索引中没有图片。 The index holds no images." : "索引中没有文字。 The index holds no texts.")
-      : "没有结果。 No results.";
-    setStatus(`${search.label} · ${empty}`);
+    setStatus(`${search.label} · 没有结果。 No results.`);
     return;
   }
   if (images) notePayloads(hits.map((hit) => hit.payload));
@@ -342,13 +344,13 @@ function renderResults(search, hits, { offset, k, limit, truncated = false }) {
   $("results").append(list);
   if (images) loadThumbnails(list, hits);
   const page = Math.floor(offset / pageSize()) + 1;
-  const total = Number.isFinite(limit) ? ` / ${limit}` : "";
+  const of = Number.isFinite(total) ? ` / ${total}` : "";
   const note = truncated ? " · 查询过长，已截断 The query was truncated" : "";
-  const range = `${offset + 1}–${offset + hits.length}${total}`;
+  const range = `${offset + 1}–${offset + hits.length}${of}`;
   setStatus(`${search.label} · 第 ${page} 页 Page ${page} · 结果 results ${range}${note}`);
   $("page-label").textContent = `第 ${page} 页 Page ${page}`;
   $("prev-page").disabled = offset === 0;
-  $("next-page").disabled = Number.isFinite(limit) ? k >= limit : hits.length < pageSize();
+  $("next-page").disabled = Number.isFinite(total) ? k >= total : hits.length < pageSize();
   $("pager").hidden = false;
 }
 
