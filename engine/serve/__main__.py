@@ -15,7 +15,8 @@ from ..backends.export_reader import BACKENDS
 from ..backends.torch_backend import PRECISION_CHOICES
 from ..batcher import BatcherConfig
 from ..cli_common import add_laclip_arguments, laclip_from_args
-from ..errors import EngineError
+from ..decoding import DecodeBudget
+from ..errors import EngineError, InputError
 from ..iiif.links import check_viewer
 from ..install_hints import install_command
 from ..index import COMMIT, read_commit
@@ -70,6 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--read-only", action="store_true",
                    help="serve the existing index at --index as a replica: it follows the writer's commits "
                         "(within about 1 s) and answers adds and deletes 403; run one writer and any number of these")
+    p.add_argument("--decode-timeout-s", type=float, default=DecodeBudget.timeout_s,
+                   help="wall-time budget of one image decode, in a worker process that is killed past it (400 "
+                        "naming the upload); 0: decode in the server process without a budget")
+    p.add_argument("--decode-workers", type=int, default=DecodeBudget.workers,
+                   help="image decoding processes (default %(default)s)")
+    p.add_argument("--max-request-pixels", type=int, default=ServeConfig.max_request_pixels,
+                   help="decoded pixels one add may carry in all, read from the images' headers before decoding "
+                        "(413 past it; default %(default)s)")
     p.add_argument("--verify-on-start", action="store_true",
                    help="read the whole index against its checksums before serving (as python -m engine verify); "
                         "a damaged file stops the server naming it")
@@ -181,6 +190,9 @@ def config_from_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> Se
     try:
         batch = BatcherConfig(args.max_batch_size, args.max_delay_ms, args.max_queue, args.request_timeout_s)
         laclip = laclip_from_args(args)
+        decode = DecodeBudget(args.decode_timeout_s, args.decode_workers) if args.decode_timeout_s else None
+        if args.max_request_pixels < 1:
+            raise InputError(f"--max-request-pixels must be >= 1, got {args.max_request_pixels}")
         cluster = None if args.ray is None else ClusterOptions(
             args.ray, args.shards, args.replicas, args.cpus_per_replica, device=args.device)
         check_viewer(args.iiif_viewer)
@@ -191,7 +203,8 @@ def config_from_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> Se
                        texts=args.texts, laclip=laclip, device=args.device, precision=args.precision, batch=batch,
                        workers=args.workers, max_pixels=args.max_pixels, read_only=args.read_only, cluster=cluster,
                        skip_bad=args.skip_bad,
-                       verify_on_start=args.verify_on_start, iiif_viewer=args.iiif_viewer)
+                       verify_on_start=args.verify_on_start, iiif_viewer=args.iiif_viewer, decode=decode,
+                       max_request_pixels=args.max_request_pixels)
 
 
 def check_export_runtime(args: argparse.Namespace) -> str | None:

@@ -25,6 +25,7 @@ from PIL import Image
 
 from ..backends.export_reader import BACKENDS
 from ..batcher import Batcher, BatcherConfig
+from ..decoding import DecodeBudget, DecodePool, PixelGate
 from ..errors import IndexFormatError, InputError
 from ..gallery import folder_images, read_texts_jsonl
 from ..ids import Id, check_id, check_ids, id_key
@@ -37,9 +38,10 @@ from ..preprocess import DEFAULT_MAX_PIXELS
 from .gallery_check import usable_gallery_images
 from ..retriever import Hit, ImageEmbeddings, PreparedImages, Retriever, negative_texts
 from .cluster import Cluster, ClusterOptions
-from .errors import IndexWriteError, NotFound, NotReady
+from .errors import HttpError, IndexWriteError, NotFound, NotReady
 
 log = logging.getLogger("engine.serve")
+ADD_CHUNK = 8  # images of one add prepared and encoded together (peak memory follows this, not the add's size)
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,8 @@ class ServeConfig:
     read_only: bool = False  # a replica: follows the index's commits, answers writes 403
     cluster: ClusterOptions | None = None  # score on Ray Serve shards of --index (engine.serve.cluster)
     verify_on_start: bool = False  # read the whole index against its checksums before serving it
+    decode: DecodeBudget | None = field(default_factory=DecodeBudget)  # None: decode in-process, no time budget
+    max_request_pixels: int = 2_000_000_000  # decoded pixels one add may carry (413 before decoding past it)
     iiif_viewer: str | None = None  # viewer URL pattern for IIIF hits, with {manifest} and {canvas} (engine.iiif.links)
     skip_bad: bool = False  # --gallery: leave out (and log) images that do not decode instead of refusing to start
 
@@ -136,6 +140,11 @@ class ServerCore:
         self.ready = False
         self._on_batch = on_batch
         self._pool = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="preprocess")
+        # waits on the decoding processes stay off the preprocessing threads, so a slow decode never delays a text
+        decode_threads = config.decode.workers if config.decode is not None else 1
+        self._decode_waits = ThreadPoolExecutor(max_workers=decode_threads, thread_name_prefix="decode-wait")
+        self.decoder: DecodePool | None = None
+        self._gate = PixelGate(config.max_pixels)  # decoded pixels held at once, across requests
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="index-writer")
         self._write_lock = asyncio.Lock()
         self.batchers: dict[str, Batcher] = {}
@@ -162,6 +171,8 @@ class ServerCore:
         if self.config.verify_on_start:
             check_index_files(self.config.index_dir)
         retriever = build_retriever(self.config)
+        if self.config.decode is not None and retriever.device_views is None:
+            self.decoder = DecodePool(self.config.decode, self.config.max_pixels)
         retriever.index.read_only = self.config.read_only
         if self.config.gallery is not None:
             index_gallery(retriever, self.config.gallery, self.config.texts, self.config.skip_bad)
@@ -179,6 +190,9 @@ class ServerCore:
             pass
         self._pool.shutdown(wait=True)
         self._writer.shutdown(wait=True)
+        self._decode_waits.shutdown(wait=True)
+        if self.decoder is not None:
+            self.decoder.close()
         if self.cluster is not None:
             self.cluster.close()
 
@@ -252,11 +266,35 @@ class ServerCore:
     async def _image_embeddings(self, image: Any, name: str = "image") -> np.ndarray:
         """[1 + K, D] (global, then crops) for one image, prepared in the pool."""
         self.batchers["image"].check_capacity(1)
-        prepared = await self._in_pool(self._prepare, image, name)
+        prepared = await self._prepare(image, name)
         return await self.batchers["image"].submit(prepared.views[0])
 
-    def _prepare(self, image: Any, name: str, thumbnails: bool = False) -> PreparedImages:
-        return _named(name, functools.partial(self.retriever.prepare_images, thumbnails=thumbnails), [image])
+    async def _prepare(self, image: Any, name: str, thumbnails: bool = False) -> PreparedImages:
+        """Decode (in a worker process, under the time budget, when there is a pool), then cut the views and the
+        thumbnail in the preprocessing threads; the decoded pixels count against the gate until then."""
+        pixels = 0
+        if self.decoder is not None:
+            loop = asyncio.get_running_loop()
+            image, pixels = await loop.run_in_executor(self._decode_waits, self.decoder.decode, image, name,
+                                                       self._gate)
+        try:
+            return await self._in_pool(_named, name, functools.partial(self.retriever.prepare_images,
+                                                                       thumbnails=thumbnails), [image])
+        finally:
+            self._gate.release(pixels)
+
+    async def _check_request_pixels(self, uploads: Sequence[Any]) -> None:
+        """413 before anything is decoded when the images' headers add up to more than --max-request-pixels."""
+        if self.decoder is None:
+            return
+        loop = asyncio.get_running_loop()
+        sizes = await asyncio.gather(*(loop.run_in_executor(self._decode_waits, self.decoder.size, u.data, u.name)
+                                       for u in uploads))
+        total = sum(w * h for w, h in sizes)
+        if total > self.config.max_request_pixels:
+            raise HttpError(413, "PayloadTooLarge", f"{len(uploads)} images of {total} pixels in all exceed the "
+                                                    f"limit of {self.config.max_request_pixels} decoded pixels per "
+                                                    "request (--max-request-pixels): send fewer per request")
 
     async def encode_image(self, upload: Any) -> tuple[np.ndarray, np.ndarray | None]:
         """(global [D], crops [K, D] or None) for one uploaded image."""
@@ -321,7 +359,14 @@ class ServerCore:
         """The upload's bytes, or its decoded image cut to `box` (errors name the upload)."""
         if box is None:
             return upload.data
-        return await self._in_pool(_named, upload.name, self.retriever.region, upload.data, box)
+        image, pixels = upload.data, 0
+        if self.decoder is not None:  # decoded under the time budget, like every upload
+            image, pixels = await asyncio.get_running_loop().run_in_executor(
+                self._decode_waits, self.decoder.decode, upload.data, upload.name, self._gate)
+        try:
+            return await self._in_pool(_named, upload.name, self.retriever.region, image, box)
+        finally:
+            self._gate.release(pixels)
 
     async def duplicates(self, threshold: float, limit: int | None) -> dict[str, Any]:
         """Near-duplicate groups of the indexed images (computed once per commit and threshold)."""
@@ -354,13 +399,17 @@ class ServerCore:
         retriever = self._require_ready()
         self._check_new(uploads, ids, payloads, "images", retriever.index.has_image)
         self.batchers["image"].check_capacity(len(uploads))
-        prepared = await asyncio.gather(*(self._in_pool(self._prepare, u.data, u.name, True) for u in uploads))
-        views = await self.batchers["image"].submit_many([p.views[0] for p in prepared])
+        await self._check_request_pixels(uploads)
+        views, thumbnails, geometries = [], [], []
+        for start in range(0, len(uploads), ADD_CHUNK):  # memory follows the chunk, not the request
+            chunk = uploads[start:start + ADD_CHUNK]
+            prepared = await asyncio.gather(*(self._prepare(u.data, u.name, True) for u in chunk))
+            views += await self.batchers["image"].submit_many([p.views[0] for p in prepared])
+            thumbnails += [p.thumbnails[0] for p in prepared]
+            geometries += [p.geometry for p in prepared]
         emb = ImageEmbeddings.of(np.stack(views), retriever.laclip is not None)
         names = [u.basename for u in uploads]
-        thumbnails = [p.thumbnails[0] for p in prepared]
-        geometry = None if any(p.geometry is None for p in prepared) else np.concatenate([p.geometry
-                                                                                           for p in prepared])
+        geometry = None if any(g is None for g in geometries) else np.concatenate(geometries)
         # ids (default counters included) are taken in the writer, under the write lock
         return await self._write(lambda: retriever.store_images(emb, names, ids, payloads, thumbnails,
                                                                   geometry))
