@@ -515,14 +515,22 @@ def test_api_key_field(browser, server):
     assert browser.execute_script("return localStorage.length") == 0  # kept for the tab only
 
 
-def test_keyboard_and_labels(browser, server):
-    open_page(browser, server)
-    controls = browser.execute_script("""
-        return [...document.querySelectorAll('input, select, button')].filter(e => e.offsetParent !== null)
-          .map(e => ({tag: e.tagName, id: e.id, type: e.type, tabindex: e.tabIndex,
-                      label: e.labels && e.labels.length ? e.labels[0].textContent.trim() : e.textContent.trim()}));""")
+def visible_controls(driver, scope: str = "document") -> list[dict]:
+    """Every shown input, select and button under `scope` (a JS expression) with its tab index and label text."""
+    return driver.execute_script(f"""
+        return [...{scope}.querySelectorAll('input, select, button')].filter(e => e.offsetParent !== null)
+          .map(e => ({{tag: e.tagName, id: e.id, type: e.type, tabindex: e.tabIndex,
+                      label: e.labels && e.labels.length ? e.labels[0].textContent.trim() : e.textContent.trim()}}));""")
+
+
+def assert_labelled(controls: list[dict]) -> None:
     assert controls and all(c["tabindex"] >= 0 for c in controls)
     assert all(c["label"] for c in controls), [c for c in controls if not c["label"]]
+
+
+def test_keyboard_and_labels(browser, server):
+    open_page(browser, server)
+    assert_labelled(visible_controls(browser))
     assert not browser.find_elements(By.CSS_SELECTOR, "[onclick], div[role=button], a[href='#']")
     first = browser.find_element(By.ID, "query")
     first.click()
@@ -573,6 +581,7 @@ def test_hit_view_shows_picture_payload_captions_best_texts(browser, server, api
     want = api.post("/v1/search/texts", files={"image": ("thumbnail.jpg", thumbnail, "image/jpeg")},
                     data={"k": "5", "laclip": json.dumps(page_laclip(api))}).json()["hits"]
     assert_same(hit_view_texts(browser), want)
+    assert_labelled(visible_controls(browser, "document.getElementById('hit-view')"))
     assert browser.switch_to.active_element.get_attribute("id") == "hit-close"
     browser.switch_to.active_element.send_keys(Keys.ESCAPE)  # Escape closes it, focus goes back to the picture
     wait(browser, lambda d: not d.execute_script("return document.getElementById('hit-view').open"), "Escape")
@@ -727,6 +736,7 @@ def test_draw_a_box_for_region_search_and_contains_this_detail(browser, server, 
     browser.find_element(By.CSS_SELECTOR, "input[name=image-target][value=similar]").click()
     upload(browser, path)
     wait_search(browser)
+    assert_labelled(visible_controls(browser, "document.getElementById('region-editor')"))
     overlay = browser.find_element(By.ID, "region-overlay")
     width = overlay.rect["width"]
     scale = 400 / width
