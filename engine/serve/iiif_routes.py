@@ -32,6 +32,12 @@ PRESENTATION_TYPE = f'application/ld+json;profile="{PRESENTATION_CONTEXT}"'
 OPEN = {"Access-Control-Allow-Origin": "*"}
 
 
+def _json_ld(profile: str) -> dict[int, dict[str, Any]]:
+    """The documented 200 answer of a /iiif route: JSON-LD with the API's context as its profile."""
+    return {200: {"description": "JSON-LD", "content": {
+        "application/ld+json": {"schema": {"type": "object"}, "example": {"@context": profile}}}}}
+
+
 class IiifIndexRequest(BaseModel):
     """A IIIF source to index over HTTP."""
 
@@ -45,7 +51,7 @@ def build_iiif_router(core: ServerCore) -> APIRouter:
     router = APIRouter()
 
     @router.post("/v1/index/iiif", summary="Index a IIIF manifest or collection by URL (canvases not yet indexed)",
-                 responses=error_responses([400, 401, 403, 409, 415, 422, 429, 500, 503]),
+                 responses=error_responses([400, 401, 403, 408, 409, 413, 415, 422, 429, 500, 503]),
                  openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": {
                      "type": "object", "required": ["source"], "properties": {
                          "source": {"type": "string"}, "max_manifests": {"type": "integer", "default": 1000},
@@ -84,13 +90,13 @@ def build_iiif_router(core: ServerCore) -> APIRouter:
                 "truncated": listing.truncated, "images": images, "texts": texts, "persisted": core.persistent}
 
     @router.get("/iiif/search", summary="IIIF Content Search 2.0 over every IIIF image (public: no key)",
-                responses=error_responses([404, 422, 503]))
+                response_class=JSONResponse, responses={**_json_ld(SEARCH_CONTEXT), **error_responses([422, 503])})
     async def search_all(request: Request, q: str = "", within: str | None = None, page: int = 1) -> JSONResponse:
         params = {"within": within} if within else {}
         return await _search(request, q, page, within, f"{_base(request)}/iiif/search", params)
 
     @router.get("/iiif/search/{key}", summary="IIIF Content Search 2.0 inside one manifest (public: no key)",
-                responses=error_responses([404, 422, 503]))
+                response_class=JSONResponse, responses={**_json_ld(SEARCH_CONTEXT), **error_responses([404, 422, 503])})
     async def search_manifest(request: Request, key: str, q: str = "", page: int = 1) -> JSONResponse:
         manifest = (await _catalog())[0].get(key)
         if manifest is None:
@@ -99,7 +105,8 @@ def build_iiif_router(core: ServerCore) -> APIRouter:
 
     @router.get("/iiif/manifest/{key}", summary="A Presentation 3 manifest of a source manifest's indexed canvases, "
                                                 "declaring the search service (public: no key)",
-                responses=error_responses([404, 503]))
+                response_class=JSONResponse,
+                responses={**_json_ld(PRESENTATION_CONTEXT), **error_responses([404, 422, 503])})
     async def manifest(request: Request, key: str) -> JSONResponse:
         manifests, canvases = await _catalog()
         if key not in manifests:
@@ -109,7 +116,8 @@ def build_iiif_router(core: ServerCore) -> APIRouter:
         return JSONResponse(document, media_type=PRESENTATION_TYPE, headers=OPEN)
 
     @router.get("/iiif/collection", summary="A Presentation 3 collection of every indexed IIIF manifest "
-                                            "(public: no key)", responses=error_responses([503]))
+                                            "(public: no key)", response_class=JSONResponse,
+                responses={**_json_ld(PRESENTATION_CONTEXT), **error_responses([503])})
     async def collection(request: Request) -> JSONResponse:
         manifests, canvases = await _catalog()
         base = _base(request)
