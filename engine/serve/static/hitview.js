@@ -121,7 +121,7 @@ export function openHitView(hit, context) {
   const evidence = evidenceList(hit.evidence);
   $("hit-body").replaceChildren(
     el("figure", { class: "hit-figure" }, frame,
-      el("figcaption", { class: "meta" }, `id ${hit.id} · ${scoreText(hit.score)}`)),
+      el("figcaption", { class: "meta" }, `id ${hit.id}${typeof hit.score === "number" ? ` · ${scoreText(hit.score)}` : ""}`)),
     el("div", { class: "hit-details" },
       more,
       section(bilingual("配对文字", "Paired captions"), captions),
