@@ -74,6 +74,9 @@ def test_parse_info_reads_v2_and_v3_and_refuses_other_json():
     v3 = parse_info({"@context": "http://iiif.io/api/image/3/context.json", "id": "https://x/b", "type":
                      "ImageService3", "profile": "level1", "width": 10, "height": 20}, "b")
     assert (v3.version, v3.level, v3.full_size_param) == (3, 1, "max")
+    capped = parse_info({"@context": "http://iiif.io/api/image/3/context.json", "id": "https://x/c",
+                         "profile": "level2", "width": 1000, "height": 4000, "maxWidth": 100}, "c")
+    assert (capped.max_width, capped.max_height, choose_size(capped, 224).height) == (100, 100, 100)
     with pytest.raises(InputError, match="not a IIIF Image API info.json"):
         parse_info({"width": 1, "height": 1, "id": "x"}, "where")
     with pytest.raises(InputError, match="width/height"):
@@ -239,7 +242,7 @@ def test_failures_are_reported_per_canvas_and_skipped_with_skip_bad(site, tiny_c
                   "--iiif-timeout-s", "0.5", "--iiif-retries", "0", "--iiif-max-mb", "0.5")
     assert cli_main(args) == 2
     err = capsys.readouterr().err
-    assert "1 bad records" in err and site.url("bad/canvas/1") in err and "HTTP 404" in err  # listing stops first
+    assert "1 bad record " in err and site.url("bad/canvas/1") in err and "HTTP 404" in err  # listing stops first
     assert cli_main(args + ["--skip-bad"]) == 0
     captured = capsys.readouterr()
     assert "added 1 images (0 already indexed, 4 bad skipped)" in captured.out

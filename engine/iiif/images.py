@@ -61,6 +61,8 @@ def parse_info(info: dict[str, Any], where: str) -> ImageService:
         raise InputError(f"{where}: info.json width/height must be positive integers, got {width!r} x {height!r}")
     level, features, limits = _profile(info.get("profile"))
     limits.update({k: info[k] for k in ("maxWidth", "maxHeight", "maxArea") if _positive_int(info.get(k))})
+    if version == 3 and "maxWidth" in limits:
+        limits.setdefault("maxHeight", limits["maxWidth"])  # Image API 3: maxHeight defaults to maxWidth
     features |= {str(f) for f in info.get("extraFeatures", []) if isinstance(f, str)}
     sizes = tuple(sorted({(int(s["width"]), int(s["height"])) for s in info.get("sizes") or []
                           if isinstance(s, dict) and _positive_int(s.get("width")) and _positive_int(s.get("height"))}))
