@@ -7,7 +7,7 @@ import sys
 
 from .errors import EngineError
 from .laclip import LaclipConfig
-from .records import DatasetError
+from .records import DatasetError, bad_records
 
 
 def add_laclip_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +35,7 @@ def laclip_from_args(args: argparse.Namespace) -> LaclipConfig | None:
 def report_error(exc: EngineError) -> int:
     """Print an engine error for a person (a DatasetError lists every bad record); the exit status is 2."""
     if isinstance(exc, DatasetError):
-        print(f"error: {len(exc.problems)} bad records (rerun with --skip-bad to skip them):", file=sys.stderr)
+        print(f"error: {bad_records(len(exc.problems))} (rerun with --skip-bad to skip them):", file=sys.stderr)
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
     else:

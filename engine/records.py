@@ -19,6 +19,11 @@ from .preprocess import DEFAULT_MAX_PIXELS, load_image
 MAX_LISTED = 20  # problems quoted in an exception message (the CLI prints them all)
 
 
+def bad_records(count: int) -> str:
+    """\"1 bad record\", \"3 bad records\": the count every bad-data message starts with."""
+    return f"{count} bad record{'' if count == 1 else 's'}"
+
+
 @dataclass(frozen=True)
 class Problem:
     """One bad record: where it is, what kind (malformed, duplicate, missing_image, undecodable), what is wrong."""
@@ -47,7 +52,7 @@ class DatasetError(InputError):
         self.problems = list(problems)
         listed = "\n  ".join(str(p) for p in self.problems[:MAX_LISTED])
         more = f"\n  ... and {len(self.problems) - MAX_LISTED} more" if len(self.problems) > MAX_LISTED else ""
-        super().__init__(f"{len(self.problems)} bad records (rerun with --skip-bad to skip them):\n  {listed}{more}")
+        super().__init__(f"{bad_records(len(self.problems))} (rerun with --skip-bad to skip them):\n  {listed}{more}")
 
 
 @dataclass(frozen=True)
@@ -121,4 +126,5 @@ def read_tsv(path: Path, problems: list[Problem]) -> list[ImageRecord]:
 
 def undecodable(record: ImageRecord, exc: Exception) -> Problem:
     file, line = record.where()
-    return Problem(file, line, "undecodable", f"image {record.id!r} cannot be decoded: {exc}")
+    reason = str(exc).removeprefix(f"{file}: ")  # the decoder names the file too; say it once
+    return Problem(file, line, "undecodable", f"image {record.id!r} cannot be decoded: {reason}")

@@ -75,7 +75,7 @@ def test_bad_image_fails_naming_it_and_skip_bad_reports_it(folder: Path, tiny_ch
             "--out", str(tmp_path / "index"), "--crops", "0", "--quiet"]
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert "1 bad records (rerun with --skip-bad" in err and f"{images / 'broken.jpg'}: image 'broken'" in err
+    assert "1 bad record (rerun with --skip-bad" in err and f"{images / 'broken.jpg'}: image 'broken'" in err
     assert Index.open(tmp_path / "index").image_ids == []
     assert main(args + ["--skip-bad"]) == 0
     captured = capsys.readouterr()

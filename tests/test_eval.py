@@ -336,8 +336,18 @@ def test_cli_bad_data_exit_code_and_skip_count(tmp_path):
     assert proc.returncode == 2 and where in proc.stderr
     proc = _cli("--data", str(data), "--no-cache", "--skip-bad", "--crops", "0")
     assert proc.returncode == 0, proc.stderr
-    assert "skipped 1 bad records" in proc.stderr and where in proc.stderr
+    assert "skipped 1 bad record:" in proc.stderr and where in proc.stderr
     assert "global" in proc.stdout and "laclip" not in proc.stdout
+
+
+def test_cli_names_an_empty_image_once(tmp_path):
+    data = write_folder_dataset(tmp_path)
+    empty = data / "images" / "6.png"
+    empty.write_bytes(b"")
+    proc = _cli("--data", str(data), "--no-cache", "--crops", "0")
+    assert proc.returncode == 2
+    assert "error: 1 bad record (rerun with --skip-bad" in proc.stderr
+    assert f"{empty}: image '6' cannot be decoded: empty file" in proc.stderr and proc.stderr.count(str(empty)) == 1
 
 
 def test_cli_predictions_write_the_global_rankings_without_laclip(tmp_path, capsys):

@@ -13,6 +13,7 @@ from ..errors import EngineError
 from ..laclip import LaclipConfig
 from ..models import available_models
 from ..recall import KS, Metrics
+from ..records import bad_records
 from .evaluate import EvalReport, EvalSettings, evaluate
 from .predictions import unscorable_by_cn_clip, write_predictions
 
@@ -111,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EngineError as exc:
         return report_error(exc)
     if report.skipped:
-        print(f"skipped {len(report.skipped)} bad records:", file=sys.stderr)
+        print(f"skipped {bad_records(len(report.skipped))}:", file=sys.stderr)
         for problem in report.skipped:
             print(f"  {problem}", file=sys.stderr)
     print(format_report(report))
