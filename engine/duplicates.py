@@ -1,8 +1,8 @@
 """Near-duplicate images: groups of live images whose global vectors have cosine similarity >= a threshold.
 
 Pairs come from a FAISS range search over the global vectors in blocks: exact (a flat inner-product index) below
-`DuplicatesConfig.exact_below` rows, else an IVF index with fp16 codes probing `nprobe` lists (a pair split across
-lists not probed can be missed). Every pair is re-checked with the stored vectors, and groups are the connected
+`DuplicatesConfig.exact_below` rows, else an IVF index with fp16 codes (about 4 sqrt(n) lists) probing `nprobe` lists
+per row (a pair whose rows fall in lists not probed can be missed). Every pair is re-checked with the stored vectors, and groups are the connected
 components of the pairs (a chain a~b~c is one group even when a and c are further apart than the threshold).
 """
 from __future__ import annotations
@@ -20,7 +20,8 @@ from .index.snapshot import Snapshot
 
 DEFAULT_DUPLICATE_THRESHOLD = 0.95
 _SEED = 1234
-_RECHECK_MARGIN = 2e-3  # fp16 codes shift a similarity by well under this
+_RECHECK_MARGIN = 2e-3
+_TRAIN_POINTS_PER_LIST = 40  # fp16 codes shift a similarity by well under this
 
 
 @dataclass(frozen=True)
@@ -92,10 +93,11 @@ def _range_index(faiss: Any, snapshot: Snapshot, where: np.ndarray, config: Dupl
     if n < config.exact_below:
         index = faiss.IndexFlatIP(d)
     else:
-        nlist = max(1, int(math.sqrt(n)))
+        nlist = max(1, min(int(4 * math.sqrt(n)), n // _TRAIN_POINTS_PER_LIST))
         rng = np.random.default_rng(_SEED)
-        sample = _vectors(snapshot, where[np.sort(rng.choice(n, min(n, nlist * 40), replace=False))])
-        kmeans = faiss.Kmeans(d, nlist, niter=10, spherical=True, seed=_SEED, verbose=False)
+        sample = _vectors(snapshot, where[np.sort(rng.choice(n, min(n, nlist * _TRAIN_POINTS_PER_LIST),
+                                                             replace=False))])
+        kmeans = faiss.Kmeans(d, nlist, niter=8, spherical=True, seed=_SEED, verbose=False)
         kmeans.train(sample)
         quantizer = faiss.IndexFlatIP(d)
         quantizer.add(kmeans.centroids)

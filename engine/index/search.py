@@ -1,4 +1,5 @@
-"""Search over a snapshot: exact scans in bounded blocks, or ANN candidates re-scored exactly; deleted rows skipped.
+"""Search over a snapshot: exact scans in bounded blocks, or ANN candidates re-scored exactly; deleted rows skipped,
+and rows a payload filter rejects (engine.index.filters) skipped the same way.
 
 One scoring path for both: a Scorer turns query vectors and a run of stored rows into exact scores through the one
 dispatch in engine.scoring (plain CLIP, pooled image-weight LACLIP, or query-aware LACLIP through the fused
