@@ -112,7 +112,8 @@ def manifest_v2(base: str, name: str, services: list[str]) -> dict:
 def build_site(root: Path, base: str) -> None:
     """The whole tree: /m3 (v3, 3 canvases), /m2 (v2, 2 canvases), /collection.json (v3) -> m3 and a v2 collection
     /c2.json -> m2; /bad (a 404 info.json, a 404 image, a slow image, a huge level-0 image without sizes, a good
-    one); /broken.json (not JSON) and /notiiif.json (JSON, not IIIF)."""
+    one); /corrupt (an image that is not one, between two good ones); /broken.json (not JSON) and /notiiif.json
+    (JSON, not IIIF)."""
     v3 = [write_service(root, base, f"iiif3/img{i}", 3, seed=10 + i) for i in range(3)]
     v2 = [write_service(root, base, f"iiif2/img{i}", 2, seed=20 + i) for i in range(2)]
     murals = {"zh": ["敦煌壁画"], "en": ["Dunhuang murals"]}
@@ -138,6 +139,11 @@ def build_site(root: Path, base: str) -> None:
     write_json(root / "bad" / "manifest.json", manifest_v3(
         base, "bad", [canvas_v3(base, "bad", n, s, {"none": [f"bad {n}"]}) for n, s in enumerate(broken)],
         {"none": ["broken things"]}))
+    corrupt = write_service(root, base, "iiif3/corrupt", 3, seed=44, tiles=False)
+    (root / "iiif3/corrupt/full/600,400/0/default.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a JPEG after all")
+    write_json(root / "corrupt" / "manifest.json", manifest_v3(
+        base, "corrupt", [canvas_v3(base, "corrupt", n, s, {"none": [f"corrupt {n}"]})
+                          for n, s in enumerate([good, corrupt, good])], {"none": ["one corrupt image"]}))
     (root / "broken.json").write_text("{not json", encoding="utf-8")
     (root / "flaky.json").write_bytes((root / "m2" / "manifest.json").read_bytes())
     write_json(root / "notiiif.json", {"hello": "world"})

@@ -133,6 +133,16 @@ def test_index_route_reports_bad_canvases_and_refuses_local_files(client, site, 
     assert client.post("/v1/index/iiif", json={"source": site.url("notiiif.json")}, headers=AUTH).status_code == 422
 
 
+def test_an_image_that_does_not_decode_is_isolated_from_its_chunk(client, site, indexed):
+    answer = client.post("/v1/index/iiif", json={"source": site.url("corrupt/manifest.json"), "skip_bad": True},
+                         headers=AUTH).json()
+    assert answer["added"] == [site.url("corrupt/canvas/0"), site.url("corrupt/canvas/2")]
+    [problem] = answer["problems"]
+    assert (problem["file"], problem["kind"]) == (site.url("corrupt/canvas/1"), "undecodable")
+    deleted = client.post("/v1/index/images/delete", json={"ids": answer["added"]}, headers=AUTH)
+    assert deleted.status_code == 200  # the searches below count the other manifests' canvases only
+
+
 def test_image_hits_carry_iiif_links_and_the_viewer_url(client, site, indexed):
     hits = client.post("/v1/search/images", json={"query": "敦煌壁画", "k": 5, "explain": False},
                        headers=AUTH).json()["hits"]

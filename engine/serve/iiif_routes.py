@@ -13,17 +13,16 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, StrictBool, StrictStr
 from starlette.concurrency import run_in_threadpool
 
-from ..errors import InputError
+from ..errors import ImageDecodeError, InputError
 from ..iiif.fetch import FetchPolicy, fetch_image, fetch_many, is_url
 from ..iiif.harvest import IiifSource, list_iiif
 from ..iiif.images import needed_side
 from ..iiif.links import is_iiif_payload
 from ..iiif.search_service import (MAX_RESULTS, PRESENTATION_CONTEXT, SEARCH_CONTEXT, ignored_parameters,
                                    manifest_document, manifest_key, search_page)
-from ..preprocess import load_image
 from ..records import DatasetError, Problem
 from .core import ServerCore
-from .errors import NotFound, error_responses
+from .errors import HttpError, NotFound, error_responses
 from .inputs import Upload, json_body
 
 ADD_CHUNK = 16  # canvases fetched, decoded and added at a time
@@ -72,22 +71,37 @@ def build_iiif_router(core: ServerCore) -> APIRouter:
         added: list[Any] = []
         for start in range(0, len(todo), ADD_CHUNK):
             chunk = todo[start:start + ADD_CHUNK]
-            images = await run_in_threadpool(fetch_many, chunk, lambda c: _decoded(c.url, policy, core),
-                                             policy.concurrency)
-            bad = [Problem(c.id, None, "undecodable", f"image {c.id!r}: {image}")
-                   for c, image in zip(chunk, images) if isinstance(image, InputError)]
-            problems.extend(bad)
-            if bad and not body.skip_bad:
+            fetched = await run_in_threadpool(fetch_many, chunk, lambda c: fetch_image(c.url, policy),
+                                              policy.concurrency)
+            bad = len(problems)
+            problems += [Problem(c.id, None, "undecodable", f"image {c.id!r}: {data}")
+                         for c, data in zip(chunk, fetched) if isinstance(data, InputError)]
+            added += await add([(c, data) for c, data in zip(chunk, fetched) if not isinstance(data, InputError)],
+                               problems)
+            if len(problems) > bad and not body.skip_bad:
                 raise DatasetError(problems + [Problem(body.source, None, "stopped", f"{len(added)} canvases were "
                                                        "added before this; a rerun skips them")])
-            good = [(c, image) for c, image in zip(chunk, images) if not isinstance(image, InputError)]
-            if good:
-                uploads = [Upload(image, c.id) for c, image in good]
-                added += await core.add_images(uploads, [c.id for c, _ in good], [c.payload for c, _ in good])
         images, texts = core.counts()
         return {"added": added, "already_indexed": len(listing.canvases) - len(todo),
                 "problems": [p.to_dict() for p in problems], "manifests": listing.manifests,
                 "truncated": listing.truncated, "images": images, "texts": texts, "persisted": core.persistent}
+
+    async def add(canvases: list[tuple[Any, bytes]], problems: list[Problem]) -> list[Any]:
+        """Add (canvas, image bytes) pairs through the server's own decoding (its time budget and pixel limits); a
+        chunk holding an undecodable image, or over --max-request-pixels, is added one by one, each image that
+        still fails becoming a problem."""
+        if not canvases:
+            return []
+        try:
+            return await core.add_images([Upload(data, c.id) for c, data in canvases], [c.id for c, _ in canvases],
+                                         [c.payload for c, _ in canvases])
+        except (ImageDecodeError, HttpError) as exc:
+            if isinstance(exc, HttpError) and exc.status != 413:
+                raise
+            if len(canvases) > 1:
+                return [item for pair in canvases for item in await add([pair], problems)]
+            problems.append(Problem(canvases[0][0].id, None, "undecodable", f"image {canvases[0][0].id!r}: {exc}"))
+            return []
 
     @router.get("/iiif/search", summary="IIIF Content Search 2.0 over every IIIF image (public: no key)",
                 response_class=JSONResponse, responses={**_json_ld(SEARCH_CONTEXT), **error_responses([422, 503])})
@@ -171,11 +185,6 @@ def _scan(core: ServerCore, snapshot: Any) -> tuple[dict[str, str], dict[str, li
     for payloads in canvases.values():
         payloads.sort(key=lambda p: (p.get("canvas_index", 0), p["canvas"]))
     return manifests, canvases
-
-
-def _decoded(url: str, policy: FetchPolicy, core: ServerCore) -> Any:
-    """The decoded image at `url` (the server's pixel limit applies); an ImageDecodeError names what failed."""
-    return load_image(fetch_image(url, policy), core.config.max_pixels)
 
 
 def _base(request: Request) -> str:
