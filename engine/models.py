@@ -5,6 +5,10 @@ import copy
 import hashlib
 import json
 import os
+import pickle
+import re
+import socket
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -137,17 +141,33 @@ def official_checkpoint_path(spec: ModelSpec, cache_dir: Path | None = None) -> 
     target = cache_dir / spec.filename
     if target.is_file():
         return target
+    advice = (f"Download {spec.filename} from the HuggingFace repo OFA-Sys/{spec.hub_repo} (or ModelScope "
+              f"AI-ModelScope/{spec.hub_repo}) and place it at {target}, or pass --checkpoint PATH.")
+    unreachable = hub_unreachable()
+    if unreachable:  # say so at once, instead of the hub client's minute of retries
+        raise CheckpointError(f"weights for {spec.name} not found at {target}, and {unreachable}. {advice}")
     try:
         from huggingface_hub import hf_hub_download
 
         cache_dir.mkdir(parents=True, exist_ok=True)
         return Path(hf_hub_download(f"OFA-Sys/{spec.hub_repo}", filename=spec.filename, local_dir=cache_dir))
-    except Exception as exc:  # no client, no network or no such file: tell the user what to place where
-        raise CheckpointError(
-            f"weights for {spec.name} not found at {target} and could not be downloaded ({exc.__class__.__name__}). "
-            f"Download {spec.filename} from the HuggingFace repo OFA-Sys/{spec.hub_repo} "
-            f"(or ModelScope AI-ModelScope/{spec.hub_repo}) and place it at {target}, or pass --checkpoint PATH."
-        ) from exc
+    except Exception as exc:  # no client or no such file: tell the user what to place where
+        raise CheckpointError(f"weights for {spec.name} not found at {target} and could not be downloaded "
+                              f"({exc.__class__.__name__}). {advice}") from exc
+
+
+def hub_unreachable(timeout_s: float = 3.0) -> str | None:
+    """Why the HuggingFace hub ($HF_ENDPOINT, default huggingface.co) cannot be reached from here (offline mode,
+    no name resolution, no connection within `timeout_s`), or None when a connection opens."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    endpoint = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as exc:
+        return f"{host}:{port} cannot be reached from this machine ({exc.__class__.__name__}: {exc})"
+    return None
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
@@ -159,15 +179,33 @@ def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+def _load_tensors_only(path: Path) -> Any:
+    """torch.load with weights_only (nothing but tensors and plain containers is unpickled); a file it refuses or
+    cannot read is a CheckpointError saying what the file is, never torch's advice to turn the safety off."""
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is an empty file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        refused = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if refused is None:
+            raise CheckpointError(f"checkpoint {path} is not a PyTorch checkpoint file ({exc.__class__.__name__}: "
+                                  f"{str(exc).splitlines()[0]})") from None
+        raise CheckpointError(
+            f"checkpoint {path} holds Python objects ({refused.group(1)}), not only weights; the engine loads only "
+            "tensors. Save the weights alone from where the file came from: torch.save({\"state_dict\": "
+            "model.state_dict()}, PATH)") from None
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint {path} is not a PyTorch checkpoint file (torch.save's zip format could "
+                              f"not be read: {exc.__class__.__name__}: {exc})") from None
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The model weights in a cn_clip checkpoint, prefix-free, flash-attention keys mapped back, pooler dropped."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"checkpoint {path} could not be read ({exc.__class__.__name__}: {exc})") from exc
+    checkpoint = _load_tensors_only(path)
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(checkpoint).__name__}, expected a dict")
     state = checkpoint.get("state_dict", checkpoint)

@@ -2,19 +2,23 @@
 checked before any work starts, and CPU fine-tuning's thread default leaves the cores other work uses."""
 from __future__ import annotations
 
+import argparse
 import re
 import sys
+import time
 import tomllib
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
 import torch
 
-from engine.errors import InputError
+from engine.errors import CheckpointError, InputError
 from engine.finetune import FinetuneConfig, finetune
 from engine.finetune.synthetic import make_shapes_dataset
 from engine.finetune.threads import MAX_THREADS, default_threads
 from engine.install_hints import install_command, require
+from engine.models import get_spec, official_checkpoint_path, read_state_dict
 from export import export_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,3 +107,40 @@ def test_finetune_uses_the_given_threads_and_restores_the_callers(shapes, tmp_pa
     finetune(config)
     assert seen == [1, before] and torch.get_num_threads() == before
     assert "with 1 torch thread(s) per rank (--threads)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, words", [
+    ({"args": argparse.Namespace(lr=1), "state_dict": {}}, "holds Python objects (argparse.Namespace), not only weights"),
+    (b"hello", "is not a PyTorch checkpoint file"),
+    (b"", "is an empty file"),
+])
+def test_a_file_that_is_not_a_checkpoint_is_named_without_torchs_unsafe_advice(tmp_path, content, words):
+    path = tmp_path / "x.pt"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        torch.save(content, path)
+    with pytest.raises(CheckpointError) as caught:
+        read_state_dict(path)
+    said = str(caught.value)
+    assert said.startswith(f"checkpoint {path} ") and words in said and "weights_only" not in said
+
+
+@pytest.mark.parametrize("env", [{"HF_ENDPOINT": "http://127.0.0.1:9"}, {"HF_HUB_OFFLINE": "1"}])
+def test_official_weights_without_a_hub_fail_at_once(tmp_path, monkeypatch, env):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    started = time.monotonic()
+    with pytest.raises(CheckpointError) as caught:
+        official_checkpoint_path(get_spec("RN50"), cache_dir=tmp_path)
+    assert time.monotonic() - started < 5   # not the hub client's retries (about 23 s)
+    said = str(caught.value)
+    assert ("127.0.0.1:9 cannot be reached" in said or "HF_HUB_OFFLINE is set" in said)
+    assert f"place it at {tmp_path / 'clip_cn_rn50.pt'}" in said
+
+
+def test_docs_show_the_package_version():
+    from engine.serve.app import package_version
+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["version"]
+    assert package_version() == version("cnclip-engine") == pyproject
