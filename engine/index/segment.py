@@ -266,6 +266,11 @@ class Segment:
         return SegmentRef(self.name, self.identity, self.rows("images"), self.rows("texts"))
 
 
+def _checked_at_open(column: str) -> bool:
+    """Columns whose damage would rename, drop or garble rows silently: ids, id lookups and payloads."""
+    return column.split(".", 1)[-1] in _SMALL_COLUMNS
+
+
 def new_segment_name() -> str:
     return uuid.uuid4().hex
 
@@ -280,11 +285,6 @@ def build_segment(sources: list[PartSource], manifest: IndexManifest, *, directo
     for source in sources:
         wants_ann = build_ann if build_ann is not None else len(source) >= manifest.ann.min_rows
         part_cols, part_meta = part_columns(source, manifest.ann, wants_ann)
-def _checked_at_open(column: str) -> bool:
-    """Columns whose damage would rename, drop or garble rows silently: ids, id lookups and payloads."""
-    return column.split(".", 1)[-1] in _SMALL_COLUMNS
-
-
         columns.update({f"{source.kind}.{name}": value for name, value in part_cols.items()})
         meta["parts"][source.kind] = part_meta
     name = new_segment_name()
