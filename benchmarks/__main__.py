@@ -8,6 +8,8 @@ from pathlib import Path
 
 from benchmarks.report import build_report
 from benchmarks.runner import SUBJECTS, RunConfig, run_suite
+from engine.errors import InputError
+from engine.install_hints import require
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,8 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     only = [name.strip() for name in args.only.split(",") if name.strip()]
     out = args.out or Path("bench-out") / ("quick" if args.quick else "full")
     try:
+        require(("pytest_benchmark", "matplotlib"), "bench", "python -m benchmarks (its runs and plots)")
         cfg = RunConfig(out=out, quick=args.quick, only=only, budget_s=args.budget_s)
-    except ValueError as exc:
+    except (InputError, ValueError) as exc:
         parser.error(str(exc))
     runs = run_suite(cfg, log=lambda line: print(line, file=sys.stderr, flush=True))
     report = build_report(out)

@@ -83,6 +83,15 @@ def test_export_without_onnx_tools_stops_before_any_work(tiny_checkpoint, tmp_pa
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
+def test_benchmarks_without_matplotlib_stop_before_running(tmp_path, monkeypatch, capsys):
+    from benchmarks.__main__ import main as bench_main
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(SystemExit):
+        bench_main(["--quick", "--out", str(tmp_path / "out")])
+    assert install_command("bench") in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("cores, load, ranks, threads", [
     (2, 0.0, 1, 1),      # 2 cores: one spare for decoding and the rest of the machine
     (2, 3.5, 1, 1),      # busy: never 0
