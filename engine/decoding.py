@@ -1,6 +1,7 @@
-"""Image decoding in worker processes, under a wall-time budget: a decode still running past `timeout_s` is killed
-(its worker replaced) and refused with an ImageDecodeError naming the input, so a decompression bomb (a progressive
-JPEG of thousands of scans, say) costs at most the budget of one core and never stalls other requests.
+"""Image decoding in worker processes, under a time budget: a decode that has used `timeout_s` of CPU time (or
+WALL_FACTOR times it in wall time, when a busy machine starves it) is killed (its worker replaced) and refused with an ImageDecodeError naming the input, so a decompression bomb (a progressive
+JPEG of thousands of scans, say) costs at most the budget of one core and never stalls other requests: the workers
+run at a lower priority (nice 5), so searches and encodes take the CPU first.
 
 Workers are forked from a forkserver (engine.preprocess preloaded once), run `load_image` (the one decoding rule,
 pixel limit included) and send back the decoded image: mode, size and palette, then its raw bytes, which the
@@ -10,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import io
 import multiprocessing
+import os
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -23,11 +26,16 @@ from .errors import ImageDecodeError, InputError
 from .preprocess import ImageInput, load_image
 
 _CONTEXT = "forkserver"
+DECODE_NICENESS = 5  # decoding processes run below the server's priority
+WALL_FACTOR = 1.25  # a decode starved by a busy machine may take this many times its CPU budget in wall time
+_POLL_S = 0.05
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 @dataclass(frozen=True)
 class DecodeBudget:
-    """How images are decoded: in `workers` processes, each decode allowed `timeout_s` seconds of wall time."""
+    """How images are decoded: in `workers` processes, each decode allowed `timeout_s` seconds of CPU time (and at
+    most WALL_FACTOR times that in wall time)."""
 
     timeout_s: float = 2.0
     workers: int = 2
@@ -69,6 +77,14 @@ class _Worker:
         self.process.start()
         child.close()
 
+    def cpu_seconds(self) -> float | None:
+        """CPU time the process has used (user + system), from /proc; None where there is no /proc."""
+        try:
+            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            return None
+        return (int(fields[11]) + int(fields[12])) / _TICKS
+
     def kill(self) -> None:
         self.process.kill()
         self.process.join()
@@ -102,13 +118,12 @@ class DecodePool:
         if isinstance(source, Image.Image):
             image = load_image(source, self.max_pixels)
             return image, gate.acquire(image.width * image.height) if gate is not None else 0
-        with self._worker(name) as conn:
-            conn.send(("decode", _message(source)))
-            head = self._answer(conn, name)
-            _, mode, size, palette = head
+        with self._worker(name) as worker:
+            worker.conn.send(("decode", _message(source)))
+            _, mode, size, palette = self._answer(worker, name)
             pixels = gate.acquire(size[0] * size[1]) if gate is not None else 0
             try:
-                data = conn.recv_bytes()
+                data = worker.conn.recv_bytes()
             except BaseException:
                 if gate is not None:
                     gate.release(pixels)
@@ -122,18 +137,21 @@ class DecodePool:
         """(width, height) from the image's header alone, in a worker under the same budget."""
         if isinstance(source, Image.Image):
             return source.size
-        with self._worker(name) as conn:
-            conn.send(("size", _message(source)))
-            return self._answer(conn, name)[1]
+        with self._worker(name) as worker:
+            worker.conn.send(("size", _message(source)))
+            return self._answer(worker, name)[1]
 
     @contextlib.contextmanager
-    def _worker(self, name: str) -> Iterator[Connection]:
-        """An idle worker's pipe for one request; a worker that overran its budget or failed is replaced."""
+    def _worker(self, name: str) -> Iterator[_Worker]:
+        """An idle worker for one request; one that overran its budget or failed is replaced."""
         if self._closed:
             raise RuntimeError("the decode pool is closed")
         worker = self._idle.get()
         try:
-            yield worker.conn
+            yield worker
+        except ImageDecodeError:  # the worker answered with the error: its pipe is clean
+            self._idle.put(worker)
+            raise
         except _Overrun:
             self._replace(worker)
             raise ImageDecodeError(f"{name}: decoding took longer than the budget of {self.budget.timeout_s:g} s "
@@ -146,10 +164,16 @@ class DecodePool:
             raise
         self._idle.put(worker)
 
-    def _answer(self, conn: Connection, name: str) -> tuple:
-        if not conn.poll(self.budget.timeout_s):
-            raise _Overrun()
-        head = conn.recv()
+    def _answer(self, worker: _Worker, name: str) -> tuple:
+        """The worker's first answer; _Overrun once the decode has used the budget in CPU time, or
+        WALL_FACTOR times it in wall time (a decode starved by a busy machine is not a bomb)."""
+        started, cpu_before = time.monotonic(), worker.cpu_seconds()
+        while not worker.conn.poll(_POLL_S):
+            wall = time.monotonic() - started
+            cpu = worker.cpu_seconds() - cpu_before if cpu_before is not None else wall
+            if cpu >= self.budget.timeout_s or wall >= WALL_FACTOR * self.budget.timeout_s:
+                raise _Overrun()
+        head = worker.conn.recv()
         if head[0] == "error":
             raise ImageDecodeError(f"{name}: {head[1]}")
         return head
@@ -176,6 +200,7 @@ class _Overrun(Exception):
 def serve_decodes(conn: Connection, max_pixels: int) -> None:
     """A worker's loop: decode each source received, answer (mode, size, palette) then the raw pixels, or an error."""
     Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow's own bomb guard follows the limit here too
+    os.nice(DECODE_NICENESS)  # searches and encodes come first; a bomb only gets what they leave
     while True:
         try:
             op, source = conn.recv()
