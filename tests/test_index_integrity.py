@@ -138,3 +138,20 @@ def test_a_damaged_commit_is_reported_not_raised(clean, tmp_path):
     (root / COMMIT).write_text("{not json")
     report = verify_index(root)
     assert [d.file for d in report.damaged] == ["index.json"]
+
+
+def test_the_server_refuses_to_serve_a_damaged_index_with_verify_on_start(clean, tmp_path):
+    from engine.serve.launcher import free_port
+
+    root = tmp_path / "served"
+    shutil.copytree(clean, root)
+    seg = _files(root)[0]
+    data = bytearray(seg.read_bytes())
+    data[-70] ^= 0x04
+    seg.write_bytes(bytes(data))
+    done = subprocess.run([sys.executable, "-m", "engine.serve", "--model", "tiny", "--index", str(root),
+                           "--verify-on-start", "--port", str(free_port()), "--log-level", "warning"],
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode != 0
+    assert "--verify-on-start: index served is damaged" in done.stderr and f"segments/{seg.name}" in done.stderr, \
+        done.stderr[-800:]
