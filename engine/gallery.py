@@ -8,18 +8,21 @@ its stem. Folders are listed in natural order (numeric parts by value).
 
 The JSON-lines text reader serves `--texts`, `python -m engine index --texts` and the HTTP JSON-lines upload: one
 `{"text_id": ..., "text": "..."}` object per line ("id" is accepted for "text_id"; without either, the text's
-position in the file), blank lines skipped; errors name the file and line.
+position in the file), blank lines skipped; errors name the file and line. Every other key of a line (cn_clip's
+`image_ids` pairing a caption to its images, say) is kept as the text's payload.
 """
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from .errors import InputError
 from .ids import Id
 
+_RECORD_KEYS = ("text_id", "id", "text")  # what a line's payload leaves out
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
@@ -52,8 +55,22 @@ def list_images(folder: str | Path) -> list[Path]:
     return sorted(files, key=lambda p: (0, int(p.stem), p.name) if p.stem.isdigit() else (1, 0, p.name))
 
 
-def read_texts_jsonl(path: str | Path) -> tuple[list[Id], list[str]]:
-    """(ids, texts) of a JSON-lines texts file."""
+@dataclass(frozen=True)
+class TextRecords:
+    """The texts of a JSON-lines file: ids, texts, and each line's other keys as its payload (None: no other key)."""
+
+    ids: list[Id]
+    texts: list[str]
+    payloads: list[dict[str, Any] | None]
+
+    def where(self, keep: Callable[[Id], bool]) -> "TextRecords":
+        """The records whose id passes `keep`, in order."""
+        rows = [i for i, text_id in enumerate(self.ids) if keep(text_id)]
+        return TextRecords([self.ids[i] for i in rows], [self.texts[i] for i in rows], [self.payloads[i] for i in rows])
+
+
+def read_texts_jsonl(path: str | Path) -> TextRecords:
+    """The records of a JSON-lines texts file."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"texts file not found: {path}")
@@ -62,11 +79,12 @@ def read_texts_jsonl(path: str | Path) -> tuple[list[Id], list[str]]:
 
 
 def parse_texts_jsonl(lines: Iterable[str], where: str,
-                      parse: Callable[[str, str], Any] | None = None) -> tuple[list[Id], list[str]]:
-    """(ids, texts) of JSON lines; `parse(line, at)` decodes one line (default: json.loads), naming `at`
+                      parse: Callable[[str, str], Any] | None = None) -> TextRecords:
+    """The records of JSON lines; `parse(line, at)` decodes one line (default: json.loads), naming `at`
     ("<where> line <n>") in its error."""
     ids: list[Id] = []
     texts: list[str] = []
+    payloads: list[dict[str, Any] | None] = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -76,7 +94,8 @@ def parse_texts_jsonl(lines: Iterable[str], where: str,
             raise InputError(f"{at}: expected an object with a string 'text'")
         ids.append(record.get("text_id", record.get("id", len(ids))))
         texts.append(record["text"])
-    return ids, texts
+        payloads.append({k: v for k, v in record.items() if k not in _RECORD_KEYS} or None)
+    return TextRecords(ids, texts, payloads)
 
 
 def _json_line(line: str, at: str) -> Any:

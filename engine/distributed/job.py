@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 
 from ..errors import IndexFormatError, InputError
 from ..features_io import FeatureFile, import_features, read_features
-from ..gallery import read_texts_jsonl
+from ..gallery import TextRecords, read_texts_jsonl
 from ..index import Index
 from ..laclip import LaclipConfig
 from ..preprocess import DEFAULT_MAX_PIXELS
@@ -110,12 +110,12 @@ def index_collection(job: IndexJob, *, on_progress: Callable[[int], None] | None
     report = IndexReport(problems=list(collection.problems))
     if report.problems and not job.skip_bad:
         raise DatasetError(report.problems)
-    texts = read_texts_jsonl(job.texts) if job.texts is not None else ([], [])  # everything read before any add
+    texts = read_texts_jsonl(job.texts) if job.texts is not None else TextRecords([], [], [])  # read before any add
     imported = [features for spec in job.features for features in read_features(spec)]
     retriever = open_index(job)
     if collection.images:
         _index_images(job, retriever.index, collection, report, on_progress)
-    report.texts_added, report.texts_already_indexed = _add_texts(retriever, *texts)
+    report.texts_added, report.texts_already_indexed = _add_texts(retriever, texts)
     for features in imported:
         added, present = import_features(retriever, features)
         report.embeddings_imported += added
@@ -171,12 +171,13 @@ def open_index(job: IndexJob) -> Retriever:
     return retriever
 
 
-def _add_texts(retriever: Retriever, ids: list, texts: list[str]) -> tuple[int, int]:
-    """Encode the texts the index does not hold yet; (added, already indexed)."""
-    new = [i for i, text_id in enumerate(ids) if not retriever.index.has_text(text_id)]
-    if new:
-        retriever.add_texts([texts[i] for i in new], [ids[i] for i in new])
-    return len(new), len(ids) - len(new)
+def _add_texts(retriever: Retriever, records: TextRecords) -> tuple[int, int]:
+    """Encode the texts the index does not hold yet (with their lines' other keys as payloads); (added, already
+    indexed)."""
+    new = records.where(lambda text_id: not retriever.index.has_text(text_id))
+    if new.ids:
+        retriever.add_texts(new.texts, new.ids, new.payloads)
+    return len(new.ids), len(records.ids) - len(new.ids)
 
 
 def _take(result: StageResult, report: IndexReport, pending: list, skip_bad: bool) -> None:

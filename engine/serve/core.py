@@ -124,10 +124,9 @@ def index_gallery(retriever: Retriever, gallery: Path, texts: Path | None, skip_
         retriever.add_images([p for _, p in images], [i for i, _ in images],
                              [{"source": p.relative_to(gallery).as_posix()} for _, p in images])
     if texts is not None:
-        ids, items = read_texts_jsonl(texts)
-        new = [(i, t) for i, t in zip(ids, items) if not index.has_text(i)]
-        if new:
-            retriever.add_texts([t for _, t in new], [i for i, _ in new])
+        new = read_texts_jsonl(texts).where(lambda text_id: not index.has_text(text_id))
+        if new.ids:
+            retriever.add_texts(new.texts, new.ids, new.payloads)
     log.info("gallery %s: %d new images", gallery, len(images))
 
 

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel
 
 from ..errors import InputError
-from ..gallery import parse_texts_jsonl
+from ..gallery import TextRecords, parse_texts_jsonl
 from ..ids import Id
 from ..duplicates import DEFAULT_DUPLICATE_THRESHOLD
 from .bodies import (MAX_K, DeleteRequest, EncodeImageRequest, EncodeTextRequest, IndexImagesRequest,
@@ -193,8 +193,8 @@ def build_router(core: ServerCore, policy: AccessPolicy, schemas: Schemas) -> AP
         else:
             form = await read_form(request)
             upload = await one_upload(form, "file")
-            ids, texts = texts_from_jsonl(upload)
-            payloads = None
+            records = texts_from_jsonl(upload)
+            texts, ids, payloads = records.texts, records.ids, records.payloads
         return await counted({"added": await core.add_texts(texts, ids, payloads)})
 
     for kind in ("images", "texts"):
@@ -251,20 +251,20 @@ def _form_payloads(form: Any) -> list[dict[str, Any] | None] | None:
     return validate(IndexImagesRequest, {"images": [], "payloads": parse_json(raw.encode("utf-8"))}).payloads
 
 
-def texts_from_jsonl(upload: Upload) -> tuple[list[Id], list[str]]:
-    """(ids, texts) of a JSON-lines upload, read by engine.gallery's one reader (the `--texts` format) with the
+def texts_from_jsonl(upload: Upload) -> TextRecords:
+    """The records of a JSON-lines upload, read by engine.gallery's one reader (the `--texts` format) with the
     body limits of every JSON request; errors name the file and line."""
     try:
         lines = upload.data.decode("utf-8").splitlines()
     except UnicodeDecodeError as exc:
         raise HttpError(400, "MalformedBody", f"{upload.name}: not UTF-8 text (byte {exc.start})") from None
     try:
-        ids, texts = parse_texts_jsonl(lines, upload.name, _json_line)
+        records = parse_texts_jsonl(lines, upload.name, _json_line)
     except InputError as exc:
         raise HttpError(422, "ValidationError", str(exc)) from None
-    if not texts:
+    if not records.texts:
         raise HttpError(422, "ValidationError", f"{upload.name}: no texts in the file")
-    return ids, texts
+    return records
 
 
 def _json_line(line: str, at: str) -> Any:
