@@ -81,7 +81,7 @@ def user_token_ids(texts_file: str | Path, context_length: int, limit: int = 256
     if not path.is_file():
         raise InputError(f"--texts {path} is not a file")
     try:
-        _, texts = read_texts_jsonl(path)
+        texts = read_texts_jsonl(path).texts
     except InputError as exc:
         raise InputError(f"--texts takes JSON lines {{\"text\": ...}} (as python -m engine index): {exc}") from None
     if not texts:
