@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -47,6 +48,7 @@ class DuplicateGroups:
     def members(self, snapshot: Snapshot, group: np.ndarray) -> list[Id]:
         return [snapshot.part_at("images", int(p)).id_at(int(r)) for p, r in self.where[group]]
 
+    @cached_property
     def group_of(self) -> dict[tuple[int, int], int]:
         """(position, row) -> group number, for the rows in some group."""
         return {(int(p), int(r)): g for g, members in enumerate(self.groups) for p, r in self.where[members]}

@@ -112,7 +112,7 @@ class Retriever:
         self.index = Index(self._manifest(dtype, ann or AnnConfig()), device=device)
         self.device_views = self._device_views(views, device)
         self.duplicate_threshold = DEFAULT_DUPLICATE_THRESHOLD  # what collapse="duplicates" groups by
-        self._groups: tuple[tuple, DuplicateGroups] | None = None  # duplicate_groups' cache: one commit's
+        self._groups: tuple[tuple, DuplicateGroups] | None = None  # duplicate_groups' cache: (segments, groups)
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path | None = None, model: str = "ViT-B-16", device: str = "cpu",
@@ -524,7 +524,8 @@ class Retriever:
         groups = self.duplicate_groups(snap, self.duplicate_threshold) if collapse else None
         extra = min(MAX_COLLAPSED, sum(len(g) - 1 for g in groups.groups)) if groups else 0
         wanted = min(snap.live("images"), k + extra + (exclude is not None))
-        found = [_kept(f, k, exclude, groups.group_of() if groups else None) for f in search(wanted)]
+        group_of = groups.group_of if groups else None
+        found = [_kept(f, k, exclude, group_of) for f in search(wanted)]
         hits = to_hits(found, snap, "images")
         if not explain or not self.index.has_crops:
             return hits
@@ -546,10 +547,10 @@ class Retriever:
                          threshold: float = DEFAULT_DUPLICATE_THRESHOLD) -> DuplicateGroups:
         """Near-duplicate groups of the live images (engine.duplicates), computed once per commit and threshold."""
         snap = snapshot or self.index.snapshot()
-        key = (snap.generation, id(snap.segments), check_threshold(threshold))
+        threshold = check_threshold(threshold)
         cached = self._groups
-        if cached is None or cached[0] != key:
-            cached = self._groups = (key, find_duplicates(snap, threshold))
+        if cached is None or cached[0] is not snap.segments or cached[1].threshold != threshold:
+            cached = self._groups = (snap.segments, find_duplicates(snap, threshold))
         return cached[1]
 
     def duplicates(self, threshold: float = DEFAULT_DUPLICATE_THRESHOLD, limit: int | None = None) -> dict[str, Any]:

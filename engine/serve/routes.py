@@ -66,7 +66,7 @@ class Schemas:
 def hits_json(hits: Sequence[Any]) -> list[dict[str, Any]]:
     """Hits (id, score, payload, and evidence when there is some) as JSON objects."""
     return [{"id": h.id, "score": h.score, "payload": h.payload,
-             **({"evidence": h.evidence} if getattr(h, "evidence", None) is not None else {})} for h in hits]
+             **({"evidence": h.evidence} if h.evidence is not None else {})} for h in hits]
 
 
 def build_router(core: ServerCore, policy: AccessPolicy, schemas: Schemas) -> APIRouter:
