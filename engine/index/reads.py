@@ -137,10 +137,10 @@ class IndexReads:
         filter (engine.index.filters); `negative` [N, D]: text vectors whose best score, times `negative_weight`,
         is subtracted from every image's score."""
         snap = snapshot or self._snapshot
-        scorer = ImageScorer(np.ascontiguousarray(t, np.float32), self._effective(score), where=parse_where(where))
-        if negative is not None:
-            scorer = replace(scorer, negative=check_negative(negative, t.shape[1]),
+        scorer = ImageScorer(np.ascontiguousarray(t, np.float32), self._effective(score), where=parse_where(where),
                              negative_weight=check_negative_weight(negative_weight))
+        if negative is not None:
+            scorer = replace(scorer, negative=check_negative(negative, t.shape[1]))
         return self.scan(snap, scorer, k, exact)
 
     def search_texts(self, g: np.ndarray, c: np.ndarray | None, k: int, *, score: ScoreConfig | None,
