@@ -17,8 +17,8 @@ import torch
 from .laclip import CropConfig, ScoreConfig, crop_boxes, image_weights
 from .scoring import crop_similarities, is_plain
 
-NO_GEOMETRY = ("the image's size was not recorded (indexed from vectors, before sizes were recorded, or merged by "
-               "a compaction that does not keep them): no boxes")
+NO_GEOMETRY = ("the image's size was not recorded (indexed from vectors, by a Ray job, or before sizes were "
+               "recorded): no boxes")
 
 
 def crop_evidence(q: np.ndarray, g: np.ndarray, c: np.ndarray, geometry: np.ndarray, crops: CropConfig,

@@ -169,6 +169,21 @@ def test_evidence_boxes_are_the_crops_that_were_encoded(images_retriever) -> Non
     assert all(h.evidence is None for h in plain.search_image_embeddings(t, 2, explain=True)[0])
 
 
+def test_compaction_keeps_the_geometry_evidence_needs(tiny_checkpoint) -> None:
+    r = Retriever.from_checkpoint(tiny_checkpoint, model="tiny", laclip=LaclipConfig(num_crops=2), progress=False)
+    pictures = [make_image(80 + 9 * i, 70, seed=40 + i) for i in range(3)]
+    r.add_images(pictures[:2], ids=["p", "q"])
+    r.add_image_embeddings(["v"], *(x[None] for x in r.index.vector("images", "p")))  # no geometry
+    r.add_images(pictures[2:], ids=["s"])
+    r.delete_images(["q"])
+    t = r.encode_texts(["飞天"])
+    before = {h.id: h.evidence for h in r.search_image_embeddings(t, 3, explain=True)[0]}
+    r.compact()
+    assert r.stats()["segments"] == 1
+    after = {h.id: h.evidence for h in r.search_image_embeddings(t, 3, explain=True)[0]}
+    assert after == before and after["s"]["image_size"] == [98, 70] and after["v"]["image_size"] is None
+
+
 def test_a_region_query_encodes_only_the_box(images_retriever) -> None:
     r, pictures = images_retriever
     box = [10, 5, 70, 50]

@@ -73,7 +73,9 @@ def merged_segment(lives: list[LiveSegment], manifest: IndexManifest, directory:
         vectors = RowStream([(part.vectors, rows) for rows, part in chosen], dtype)
         crops = (RowStream([(part.crops, rows) for rows, part in chosen], dtype)
                  if kind == "images" and manifest.num_crops else None)
-        sources.append(PartSource(kind, ids, vectors, crops, payloads, thumbs))
+        geometry = (np.concatenate([part.geometry_rows(rows) for rows, part in chosen])
+                    if any(part.geometry is not None for _, part in chosen) else None)  # unknown rows: zeros
+        sources.append(PartSource(kind, ids, vectors, crops, payloads, thumbs, geometry))
     if not sources:
         return None
     return build_segment(sources, manifest, directory=directory)
