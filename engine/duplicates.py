@@ -28,11 +28,14 @@ _TRAIN_POINTS_PER_LIST = 40  # fp16 codes shift a similarity by well under this
 @dataclass(frozen=True)
 class DuplicatesConfig:
     """exact_below: rows under which the range search is exact; nprobe: IVF lists probed per row above it;
-    block_rows: rows searched per FAISS call (bounds the memory of one call's results)."""
+    block_rows: rows searched per FAISS call; max_pairs: the most pairs one search may hold (a threshold so low
+    that more rows pair up is refused, estimated first from `probe_rows` random rows, then counted)."""
 
     exact_below: int = 50_000
     nprobe: int = 8
-    block_rows: int = 16_384
+    block_rows: int = 4096
+    max_pairs: int = 20_000_000
+    probe_rows: int = 32
 
 
 @dataclass(frozen=True)
@@ -75,18 +78,30 @@ def find_duplicates(snapshot: Snapshot, threshold: float = DEFAULT_DUPLICATE_THR
     index = _range_index(faiss, snapshot, where, config)
     if hasattr(index, "nprobe"):
         index.nprobe = config.nprobe
-    pairs = []
+    radius = threshold - _RECHECK_MARGIN
+    probe = np.random.default_rng(_SEED).choice(n, min(n, config.probe_rows), replace=False)
+    lims, _, _ = index.range_search(_vectors(snapshot, where[np.sort(probe)]), radius)
+    _check_pairs((int(lims[-1]) - len(probe)) / len(probe) * n / 2, threshold, config, "about ")
+    pairs, held = [], 0
     for start in range(0, n, config.block_rows):
         block = _vectors(snapshot, where[start:start + config.block_rows])
-        lims, sims, found = index.range_search(block, threshold - _RECHECK_MARGIN)
+        lims, _, found = index.range_search(block, radius)
         rows = np.repeat(np.arange(start, start + len(block)), np.diff(lims).astype(np.int64))
         keep = found > rows  # each pair once, never a row with itself
         a, b = rows[keep], found[keep].astype(np.int64)
+        held += len(a)
+        _check_pairs(held, threshold, config, "at least ")
         if len(a):
             exact = np.einsum("nd,nd->n", block[a - start], _vectors(snapshot, where[b]))
             pairs.append(np.stack([a[exact >= threshold], b[exact >= threshold]], axis=1))
     edges = np.concatenate(pairs) if pairs else np.zeros((0, 2), np.int64)
     return DuplicateGroups(threshold, components(edges), where, n)
+
+
+def _check_pairs(pairs: float, threshold: float, config: DuplicatesConfig, qualifier: str) -> None:
+    if pairs > config.max_pairs:
+        raise InputError(f"threshold {threshold} pairs up {qualifier}{pairs:,.0f} pairs of images, more than the "
+                         f"{config.max_pairs:,} one search holds: raise the threshold")
 
 
 def _range_index(faiss: Any, snapshot: Snapshot, where: np.ndarray, config: DuplicatesConfig) -> Any:

@@ -106,6 +106,12 @@ def test_bad_thresholds_are_input_errors(planted) -> None:
             find_duplicates(planted.snapshot(), bad)
 
 
+def test_a_threshold_that_pairs_up_too_many_rows_is_refused(planted) -> None:
+    for config in (DuplicatesConfig(max_pairs=1000), DuplicatesConfig(max_pairs=1000, probe_rows=1, block_rows=50)):
+        with pytest.raises(InputError, match="raise the threshold"):
+            find_duplicates(planted.snapshot(), 0.01, config)
+
+
 def test_command_line_prints_json_and_a_table(planted, capsys) -> None:
     assert main(["duplicates", str(planted.directory), "--threshold", "0.95", "--json", "--limit", "2"]) == 0
     report = json.loads(capsys.readouterr().out)
