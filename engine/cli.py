@@ -170,14 +170,6 @@ def run_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    commands = {"index": run_index, "search": run_search, "upgrade": run_upgrade, "verify": run_verify,
-                "duplicates": run_duplicates}
-    try:
-        return commands[args.command](args)
-    except EngineError as exc:
-        return report_error(exc)
 def run_duplicates(args: argparse.Namespace) -> int:
     from .duplicates import find_duplicates, groups_json, groups_table
     from .index import Index
@@ -198,3 +190,11 @@ def run_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    commands = {"index": run_index, "search": run_search, "upgrade": run_upgrade, "verify": run_verify,
+                "duplicates": run_duplicates}
+    try:
+        return commands[args.command](args)
+    except EngineError as exc:
+        return report_error(exc)

@@ -1,7 +1,8 @@
 """Image decoding in worker processes, under a time budget: a decode that has used `timeout_s` of CPU time (or
-WALL_FACTOR times it in wall time, when a busy machine starves it) is killed (its worker replaced) and refused with an ImageDecodeError naming the input, so a decompression bomb (a progressive
-JPEG of thousands of scans, say) costs at most the budget of one core and never stalls other requests: the workers
-run at a lower priority (nice 5), so searches and encodes take the CPU first.
+WALL_FACTOR times that in wall time, when a busy machine starves it) is killed, its worker replaced, and refused
+with an ImageDecodeError naming the input. A decompression bomb (a progressive JPEG of thousands of scans, say)
+so costs at most the budget of one core and never stalls other requests; the workers also run at a lower
+priority (nice 5), so searches and encodes take the CPU first.
 
 Workers are forked from a forkserver (engine.preprocess preloaded once), run `load_image` (the one decoding rule,
 pixel limit included) and send back the decoded image: mode, size and palette, then its raw bytes, which the
@@ -25,7 +26,6 @@ from PIL import Image
 from .errors import ImageDecodeError, InputError
 from .preprocess import ImageInput, load_image
 
-_CONTEXT = "forkserver"
 DECODE_NICENESS = 5  # decoding processes run below the server's priority
 WALL_FACTOR = 1.25  # a decode starved by a busy machine may take this many times its CPU budget in wall time
 _POLL_S = 0.05
@@ -96,9 +96,8 @@ class DecodePool:
 
     def __init__(self, budget: DecodeBudget, max_pixels: int) -> None:
         self.budget, self.max_pixels = budget, max_pixels
-        self._context = multiprocessing.get_context(_CONTEXT)
-        if _CONTEXT == "forkserver":
-            self._context.set_forkserver_preload(["engine.preprocess"])
+        self._context = multiprocessing.get_context("forkserver")  # workers fork from a clean, preloaded process
+        self._context.set_forkserver_preload(["engine.preprocess"])
         self._idle: queue.Queue[_Worker] = queue.Queue()
         self._all: set[_Worker] = set()
         self._lock = threading.Lock()
