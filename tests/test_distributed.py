@@ -147,7 +147,7 @@ def test_rerun_skips_what_the_index_holds(collection: list[str], tiny_checkpoint
 def test_missing_ray_names_the_extra(monkeypatch: pytest.MonkeyPatch, collection: list[str], tmp_path: Path,
                                      tiny_checkpoint: Path) -> None:
     monkeypatch.setitem(sys.modules, "ray", None)
-    with pytest.raises(EngineError, match=r'pip install -e "\.\[distributed\]"'):
+    with pytest.raises(EngineError, match=r'pip install --no-build-isolation -e "\.\[distributed\]"'):
         index_collection(job(collection, tmp_path / "index", tiny_checkpoint, ray=RayOptions()))
 
 

@@ -15,7 +15,7 @@ from export import THRESHOLDS, export_model
 from export.parity import generated_pixels, row_cosines
 
 OPENVINO = towers_openvino.import_openvino()
-needs_openvino = pytest.mark.skipif(OPENVINO is None, reason='openvino is not installed (pip install -e ".[openvino]")')
+needs_openvino = pytest.mark.skipif(OPENVINO is None, reason='openvino is not installed (pip install --no-build-isolation -e ".[openvino]")')
 
 
 def test_without_openvino_every_row_is_skipped_with_the_install_hint(monkeypatch):

@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw
 from conftest import SAMPLE_TEXTS, image_bytes
 from engine.serve.launcher import ServerProcess
 
-webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[test]')")
+webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install --no-build-isolation -e '.[test]')")
 from selenium.common.exceptions import TimeoutException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402

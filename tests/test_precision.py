@@ -203,7 +203,7 @@ def test_model_none_takes_the_manifests_and_another_is_refused(auto_export):
 
 def test_missing_onnxruntime_names_the_install_command(monkeypatch, auto_export):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` now raises ImportError
-    with pytest.raises(InputError, match=r'pip install -e "\.\[onnx\]"'):
+    with pytest.raises(InputError, match=r'pip install --no-build-isolation -e "\.\[onnx\]"'):
         open_encoder(auto_export)
 
 

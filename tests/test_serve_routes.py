@@ -213,7 +213,7 @@ def test_export_runtime_missing_names_the_extra(monkeypatch, tmp_path):
     parser = build_parser()
     args = parser.parse_args(["--export", str(tmp_path)])  # no --model: the export's manifest names it
     assert config_from_args(parser, args).model is None
-    assert 'pip install -e ".[onnx]"' in check_export_runtime(args)
+    assert 'pip install --no-build-isolation -e ".[onnx]"' in check_export_runtime(args)
 
 
 def test_default_index_directory(monkeypatch, tmp_path):
