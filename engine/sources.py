@@ -23,7 +23,7 @@ from typing import Literal, Sequence
 
 from .errors import ImageDecodeError, InputError
 from .gallery import IMAGE_SUFFIXES, folder_images
-from .iiif.fetch import FetchPolicy, fetch_image
+from .iiif.fetch import FetchPolicy, fetch_image, fetch_many
 from .iiif.harvest import IiifSource, list_iiif, looks_like_iiif
 from .payloads import image_payloads
 from .records import DatasetError, ImageRecord, Problem
@@ -79,6 +79,14 @@ class ImageRef:
             message = message[len(self.file):].lstrip(": ")
         file = self.where if self.kind in ("tar", "iiif") else self.file
         return Problem(file, self.line, "undecodable", f"image {self.id!r}: {message}")
+
+
+def open_all(refs: Sequence[ImageRef]) -> list[Path | bytes | InputError]:
+    """Every ref's `open()` in order, an unreadable one's error in its place. IIIF images, network-bound, are
+    fetched concurrently (their fetch policy's `concurrency` at a time); the rest are opened in turn."""
+    concurrency = max((int(json.loads(ref.file)["fetch"].get("concurrency", 1)) for ref in refs
+                       if ref.kind == "iiif"), default=1)
+    return fetch_many(refs, ImageRef.open, concurrency)
 
 
 @dataclass

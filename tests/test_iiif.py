@@ -276,3 +276,18 @@ def test_ray_indexes_iiif_canvases_as_the_single_process_does(site, tiny_checkpo
     for canvas in one.index.image_ids:
         assert one.image_payload(canvas) == two.image_payload(canvas)
     assert [h.id for h in one.search_images("丝绸", k=5)] == [h.id for h in two.search_images("丝绸", k=5)]
+
+
+def test_a_batch_fetches_its_iiif_images_concurrently(site):
+    """The prepare stage opens a batch's refs with engine.sources.open_all: 4 images from a server that answers
+    each after SLOW_S seconds arrive together, not one after another."""
+    from engine.sources import ImageRef, open_all
+    from iiif_server import SLOW_S
+
+    url = site.url("slow/img/full/600,400/0/default.jpg")
+    fetch = {"timeout_s": 4 * SLOW_S + 10, "retries": 0, "max_bytes": 1 << 24, "concurrency": 4}
+    refs = [ImageRef(f"c{i}", f"c{i}", json.dumps({"url": url, "fetch": fetch}), "iiif") for i in range(4)]
+    started = time.perf_counter()
+    opened = open_all(refs)
+    assert all(isinstance(data, bytes) and data[:2] == b"\xff\xd8" for data in opened), opened
+    assert time.perf_counter() - started < 2.5 * SLOW_S  # one after another: 4 x SLOW_S

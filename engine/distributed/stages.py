@@ -18,13 +18,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import ImageDecodeError
+from ..errors import ImageDecodeError, InputError
 from ..index.thumbnails import make_thumbnail
 from ..laclip import LaclipConfig
 from ..models import get_spec
 from ..preprocess import DEFAULT_MAX_PIXELS, load_image
 from ..retriever import ModelIdentity, Retriever
-from ..sources import ImageRef
+from ..sources import ImageRef, open_all
 from .watchdog import beating
 
 Batch = dict[str, np.ndarray]
@@ -118,10 +118,12 @@ class PrepareStage:
         pixels = np.zeros((n, self.spec.views, 3, resolution, resolution), np.uint8)
         thumbnails = np.empty(n, dtype=object)
         problems = np.full(n, "", dtype=object)
-        for i in range(n):
-            ref = _ref(batch, i)
+        refs = [_ref(batch, i) for i in range(n)]
+        for i, (ref, source) in enumerate(zip(refs, open_all(refs))):  # IIIF images fetched concurrently
             try:
-                image = load_image(ref.open(), self.spec.max_pixels)
+                if isinstance(source, InputError):  # unreadable or unreachable: a problem of this image
+                    raise source if isinstance(source, ImageDecodeError) else ImageDecodeError(str(source))
+                image = load_image(source, self.spec.max_pixels)
                 pixels[i] = preparer.resized_views(image).numpy()
                 thumbnails[i] = make_thumbnail(image)
             except ImageDecodeError as exc:
