@@ -62,19 +62,20 @@ class ScriptedCore:
         return None
 
     def _hits(self, k: int) -> list:
-        return [SimpleNamespace(id=i, score=1.0 - i / 10, payload={"source": f"{i}.png"}) for i in range(min(k, 3))]
+        return [SimpleNamespace(id=i, score=1.0 - i / 10, payload={"source": f"{i}.png"}, evidence=None)
+                for i in range(min(k, 3))]
 
-    async def search_images(self, queries, k, settings=None, exact=False) -> TextQueryResult:
+    async def search_images(self, queries, k, settings=None, exact=False, **options) -> TextQueryResult:
         if "boom" in queries:
             raise RuntimeError("a bug")
         if any(not q.strip() for q in queries):
             raise InputError("empty query")
         return TextQueryResult([self._hits(k) for _ in queries], [False] * len(queries))
 
-    async def search_texts(self, upload, k, settings=None, exact=False) -> list:
+    async def search_texts(self, upload, k, settings=None, exact=False, **options) -> list:
         return self._hits(k)
 
-    async def search_similar(self, item_id, upload, k, exact=False) -> list:
+    async def search_similar(self, item_id, upload, k, exact=False, **options) -> list:
         return self._hits(k)
 
     async def encode_text(self, texts) -> TextQueryResult:
