@@ -48,7 +48,7 @@ def verify_index(root: str | Path) -> VerifyReport:
         manifest = manifest_of(root, data)
         entries = list(data["segments"])
     except (IndexFormatError, KeyError, TypeError) as exc:
-        report.damaged.append(Damage("index.json", _short(exc, root)))
+        report.damaged.append(Damage("index.json", _short(exc, root, "index.json")))
         return report
     for entry in entries:
         name = f"{SEGMENTS}/{entry.get('name')}{SEGMENT_SUFFIX}"
@@ -58,17 +58,19 @@ def verify_index(root: str | Path) -> VerifyReport:
             segment = Segment.open(root / name)
             check_segment(segment, manifest, entry, name)
         except (IndexFormatError, OSError) as exc:
-            report.damaged.append(Damage(name, _short(exc, root)))
+            report.damaged.append(Damage(name, _short(exc, root, name)))
             continue
         for kind, file in dict(entry.get("deletes", {})).items():
             report.delete_files += 1
             try:
                 read_deletes(root / DELETES / file, segment.rows(kind))
             except (IndexFormatError, OSError) as exc:
-                report.damaged.append(Damage(f"{DELETES}/{file}", _short(exc, root)))
+                report.damaged.append(Damage(f"{DELETES}/{file}", _short(exc, root, f"{DELETES}/{file}")))
     return report
 
 
-def _short(exc: BaseException, root: Path) -> str:
-    """The error's message with the index directory's own path left out (the report names files relative to it)."""
-    return str(exc).replace(f"{root}/", "").replace(str(root), ".")
+def _short(exc: BaseException, root: Path, file: str) -> str:
+    """The error's message with the index directory's path and the file's own name left out (the report names
+    the file, relative to the index)."""
+    message = str(exc).replace(f"{root}/", "").replace(str(root), ".")
+    return message[len(file) + 2:] if message.startswith(f"{file}: ") else message
