@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         with server.serving() as srv:
             small = [("images", (f"s{i}.png", png("RGB", 48 + i, i), "image/png")) for i in range(4)]
             httpx.post(f"{srv.url}/v1/index/images", files=small, timeout=120).raise_for_status()
-            result = {"machine": {k: v for k, v in machine_info().items() if k != "cpu_flags"}, "bombs": bombs(srv.url), "memory": memory(srv, args.images)}
+            machine = {k: v for k, v in machine_info().items() if k != "cpu_flags"}
+            result = {"machine": machine, "bombs": bombs(srv.url), "memory": memory(srv, args.images)}
     print(json.dumps(result, indent=2, ensure_ascii=False))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -8,28 +8,18 @@ from __future__ import annotations
 import io
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
+from benchmarks.bench_hardening import png, progressive_bomb, vm
 from engine.decoding import DecodeBudget, DecodePool, PixelGate
 from engine.errors import ImageDecodeError, InputError
 from engine.preprocess import load_image
 
 MODES = ["1", "L", "P", "RGB", "RGBA", "LA", "CMYK", "I;16", "I", "F"]
-
-
-def progressive_bomb(side: int = 4000, repeats: int = 2000) -> bytes:
-    """A flat grey progressive JPEG whose last scan is repeated: tiny, and slow to decode (each scan redoes
-    the whole image)."""
-    buffer = io.BytesIO()
-    Image.new("L", (side, side), 128).save(buffer, "JPEG", progressive=True, quality=75)
-    data = buffer.getvalue()
-    last_scan = data[data.rfind(b"\xff\xda"):-2]
-    return data[:-2] + last_scan * repeats + b"\xff\xd9"
 
 
 def encoded(mode: str, seed: int) -> bytes:
@@ -106,19 +96,6 @@ def test_the_pixel_gate_holds_at_most_its_capacity():
 
 # ---- the server --------------------------------------------------------------------------------------------
 
-def _vm(pid: int, key: str) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key):
-            return int(line.split()[1]) / 1024
-    raise KeyError(key)
-
-
-def _png(mode: str, side: int) -> bytes:
-    buffer = io.BytesIO()
-    Image.new(mode, (side, side), 1).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     from engine.serve.launcher import ServerProcess
@@ -127,7 +104,7 @@ def server(tmp_path_factory):
     process = ServerProcess(["--model", "tiny", "--in-memory", "--decode-timeout-s", "2",
                              "--max-request-pixels", "600000000"], log)
     with process.serving() as srv:
-        small = [("images", (f"s{i}.png", _png("RGB", 40 + i), "image/png")) for i in range(3)]
+        small = [("images", (f"s{i}.png", png("RGB", 40 + i), "image/png")) for i in range(3)]
         assert httpx.post(f"{srv.url}/v1/index/images", files=small, timeout=120).status_code == 200
         yield srv
 
@@ -154,7 +131,7 @@ def test_the_server_answers_bombs_400_while_serving_others(server):
 
 
 def test_an_add_over_the_request_pixel_budget_is_413_before_decoding(server):
-    huge = _png("1", 7999)
+    huge = png("1", 7999)
     files = [("images", (f"{i}.png", huge, "image/png")) for i in range(10)]  # 640M pixels > 600M
     r = httpx.post(f"{server.url}/v1/index/images", files=files, timeout=120)
     assert r.status_code == 413, r.text
@@ -164,10 +141,10 @@ def test_an_add_over_the_request_pixel_budget_is_413_before_decoding(server):
 def test_peak_memory_of_an_add_does_not_grow_with_its_images(server):
     """8 images of 7999 x 7999 (1-bit PNG: 8 KB each, 64 MB decoded): the server's VmHWM grows by at most
     400 MB (the issue's bound for 32; before the fix every decoded image of an add was held at once)."""
-    huge = _png("1", 7999)
+    huge = png("1", 7999)
     pid = server.proc.pid
-    before = _vm(pid, "VmHWM")
+    before = vm(pid, "VmHWM")
     files = [("images", (f"huge{i}.png", huge, "image/png")) for i in range(8)]
     r = httpx.post(f"{server.url}/v1/index/images", files=files, timeout=600)
     assert r.status_code == 200, r.text
-    assert _vm(pid, "VmHWM") - before <= 400, f"peak grew by {_vm(pid, 'VmHWM') - before:.0f} MB"
+    assert vm(pid, "VmHWM") - before <= 400, f"peak grew by {vm(pid, 'VmHWM') - before:.0f} MB"

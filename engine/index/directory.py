@@ -4,8 +4,6 @@ nothing, so every write runs the same code in both."""
 from __future__ import annotations
 
 import contextlib
-import time
-import zlib
 from pathlib import Path
 from typing import Any, Union
 
@@ -15,7 +13,7 @@ from ..errors import IndexFormatError
 from . import gc
 from .commit import (COMMIT, DELETES, LEGACY_CURRENT, SEGMENTS, commit_generation, discard_on_failure, file_lock,
                      write_commit)
-from .storage import fsync_dir, write_array
+from .storage import deletes_file_name, fsync_dir, write_array
 
 
 class MemoryDirectory:
@@ -73,7 +71,7 @@ class DiskDirectory:
         """A new delete file (sorted row numbers) for one segment's `kind`, fsynced; its name, which carries the
         rows' CRC-32 (engine.index.opening checks it)."""
         rows = np.ascontiguousarray(rows, dtype=np.int64)
-        name = f"{segment}.{kind}.{time.time_ns():x}.{zlib.crc32(rows.tobytes()):08x}.npy"  # the CRC-32 of its rows
+        name = deletes_file_name(segment, kind, rows)
         with discard_on_failure([self.path / DELETES / name]):
             write_array(self.path / DELETES / name, rows)
             fsync_dir(self.path / DELETES)

@@ -2,7 +2,6 @@
 the manifest (identity, row counts, shapes, delete files, text pipeline) before anything is searched."""
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -15,6 +14,7 @@ from .commit import COMMIT, DELETES, SEGMENTS, read_commit
 from .manifest import FORMAT_VERSION, IndexManifest
 from .segment import KINDS, SEGMENT_SUFFIX, Segment
 from .snapshot import LiveSegment, Snapshot
+from .storage import deletes_file_intact
 
 _OPEN_RETRIES = 3
 
@@ -112,7 +112,6 @@ def read_deletes(path: Path, rows: int) -> np.ndarray:
         raise IndexFormatError(f"{path}: damaged deletes file ({exc})") from exc
     if deleted.ndim != 1 or deleted.dtype.kind != "i" or (len(deleted) and (deleted.min() < 0 or deleted.max() >= rows)):
         raise IndexFormatError(f"{path}: damaged deletes file (rows outside 0..{rows - 1})")
-    named_crc = path.name.split(".")[-2] if path.name.count(".") == 4 else None  # files of earlier releases: none
-    if named_crc is not None and f"{zlib.crc32(np.ascontiguousarray(deleted, np.int64).tobytes()):08x}" != named_crc:
+    if not deletes_file_intact(path.name, deleted):
         raise IndexFormatError(f"{path}: damaged deletes file (its rows fail the checksum in its name)")
     return np.unique(deleted)

@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 SEGMENT_SUFFIX = ".seg"
 KINDS = ("images", "texts")
 _POOLED_CACHE_ENTRIES = 2
-_SMALL_COLUMNS = frozenset({"id_order", "id_hash", "id_data", "id_offsets", "id_int", "payload_data", "payload_offsets"})
+_SMALL_COLUMNS = frozenset({"id_order", "id_hash", "id_data", "id_offsets", "id_int", "payload_data",
+                            "payload_offsets"})
 ANN_COLUMNS = {"ivf": "ivf_fastscan", "hnsw": "hnsw"}  # the column holding each kind's serialised FAISS index
 
 

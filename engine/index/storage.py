@@ -11,6 +11,7 @@ import json
 import os
 import socket
 import struct
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,6 +196,21 @@ def _check_crc(path: Path, name: str, view: np.ndarray, spec: dict[str, Any]) ->
         crc = zlib.crc32(memoryview(np.ascontiguousarray(flat[start:start + _CHUNK_BYTES])), crc)
     if crc != spec.get("crc32"):
         raise IndexFormatError(f"{path}: column {name} fails its checksum (damaged)")
+
+
+def deletes_file_name(segment: str, kind: str, rows: np.ndarray) -> str:
+    """The name of a new delete file: segment, kind, a time stamp, and the CRC-32 of its int64 rows."""
+    return f"{segment}.{kind}.{time.time_ns():x}.{_rows_crc(rows)}.npy"
+
+
+def deletes_file_intact(name: str, rows: np.ndarray) -> bool:
+    """Whether `rows` match the CRC-32 in a delete file's name (files of earlier releases carry none: True)."""
+    parts = name.split(".")
+    return len(parts) != 5 or parts[3] == _rows_crc(rows)
+
+
+def _rows_crc(rows: np.ndarray) -> str:
+    return f"{zlib.crc32(np.ascontiguousarray(rows, np.int64).tobytes()):08x}"
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:

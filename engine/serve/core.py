@@ -11,13 +11,14 @@ No HTTP here: engine.serve.app maps errors to status codes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, AsyncIterator, Callable, Sequence
 
 import numpy as np
 import torch
@@ -35,10 +36,10 @@ from ..index.filters import payload_keys
 from ..index.verification import verify_index
 from ..laclip import LaclipConfig
 from ..preprocess import DEFAULT_MAX_PIXELS
-from .gallery_check import usable_gallery_images
 from ..retriever import Hit, ImageEmbeddings, PreparedImages, Retriever, negative_texts
 from .cluster import Cluster, ClusterOptions
 from .errors import HttpError, IndexWriteError, NotFound, NotReady
+from .gallery_check import usable_gallery_images
 
 log = logging.getLogger("engine.serve")
 ADD_CHUNK = 8  # images of one add prepared and encoded together (peak memory follows this, not the add's size)
@@ -268,27 +269,33 @@ class ServerCore:
         prepared = await self._prepare(image, name)
         return await self.batchers["image"].submit(prepared.views[0])
 
-    async def _prepare(self, image: Any, name: str, thumbnails: bool = False) -> PreparedImages:
-        """Decode (in a worker process, under the time budget, when there is a pool), then cut the views and the
-        thumbnail in the preprocessing threads; the decoded pixels count against the gate until then."""
+    async def _in_decoder(self, fn: Callable, *args: Any) -> Any:
+        """fn(*args) in a thread that only waits on the decoding processes (never a preprocessing thread)."""
+        return await asyncio.get_running_loop().run_in_executor(self._decode_waits, functools.partial(fn, *args))
+
+    @contextlib.asynccontextmanager
+    async def _decoded(self, image: Any, name: str) -> AsyncIterator[Any]:
+        """The image decoded in a worker process under the time budget (as given when there is no pool), its
+        pixels counted against the gate until the block ends."""
         pixels = 0
         if self.decoder is not None:
-            loop = asyncio.get_running_loop()
-            image, pixels = await loop.run_in_executor(self._decode_waits, self.decoder.decode, image, name,
-                                                       self._gate)
+            image, pixels = await self._in_decoder(self.decoder.decode, image, name, self._gate)
         try:
-            return await self._in_pool(_named, name, functools.partial(self.retriever.prepare_images,
-                                                                       thumbnails=thumbnails), [image])
+            yield image
         finally:
             self._gate.release(pixels)
+
+    async def _prepare(self, image: Any, name: str, thumbnails: bool = False) -> PreparedImages:
+        """Decode (`_decoded`), then cut the views and the thumbnail in the preprocessing threads."""
+        async with self._decoded(image, name) as decoded:
+            return await self._in_pool(_named, name, functools.partial(self.retriever.prepare_images,
+                                                                       thumbnails=thumbnails), [decoded])
 
     async def _check_request_pixels(self, uploads: Sequence[Any]) -> None:
         """413 before anything is decoded when the images' headers add up to more than --max-request-pixels."""
         if self.decoder is None:
             return
-        loop = asyncio.get_running_loop()
-        sizes = await asyncio.gather(*(loop.run_in_executor(self._decode_waits, self.decoder.size, u.data, u.name)
-                                       for u in uploads))
+        sizes = await asyncio.gather(*(self._in_decoder(self.decoder.size, u.data, u.name) for u in uploads))
         total = sum(w * h for w, h in sizes)
         if total > self.config.max_request_pixels:
             raise HttpError(413, "PayloadTooLarge", f"{len(uploads)} images of {total} pixels in all exceed the "
@@ -358,14 +365,8 @@ class ServerCore:
         """The upload's bytes, or its decoded image cut to `box` (errors name the upload)."""
         if box is None:
             return upload.data
-        image, pixels = upload.data, 0
-        if self.decoder is not None:  # decoded under the time budget, like every upload
-            image, pixels = await asyncio.get_running_loop().run_in_executor(
-                self._decode_waits, self.decoder.decode, upload.data, upload.name, self._gate)
-        try:
+        async with self._decoded(upload.data, upload.name) as image:  # under the time budget, like every upload
             return await self._in_pool(_named, upload.name, self.retriever.region, image, box)
-        finally:
-            self._gate.release(pixels)
 
     async def duplicates(self, threshold: float, limit: int | None) -> dict[str, Any]:
         """Near-duplicate groups of the indexed images (computed once per commit and threshold)."""

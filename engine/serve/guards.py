@@ -1,15 +1,15 @@
 """Connection-level protections, as ASGI middleware plus one uvicorn protocol setting.
 
-Order on the way in: framing (400 and close for Content-Length with Transfer-Encoding) -> concurrency cap (503 past --max-concurrency) -> API key (401, decided on the headers,
-before any body byte is read) -> body guard (413 past --max-body-mb, 408 when the body has not arrived within
---body-timeout-s) -> errors (anything unexpected becomes the one JSON error shape, so the connection stays
-usable) -> the app. An early answer leaves the unread body to uvicorn, which discards it and keeps the
-connection. `guarded_h11` adds the missing header timeout: uvicorn waits for request headers forever.
+Order on the way in: framing (400 and close for Content-Length with Transfer-Encoding) -> concurrency cap (503
+past --max-concurrency) -> API key (401, decided on the headers, before any body byte is read) -> body guard (413
+past --max-body-mb, 408 when the body has not arrived within --body-timeout-s) -> errors (anything unexpected
+becomes the one JSON error shape, so the connection stays usable) -> the app. An early answer leaves the unread
+body to uvicorn, which discards it and keeps the connection. `guarded_h11` adds the missing header timeout
+(uvicorn waits for request headers forever) and answers requests h11 cannot parse in the JSON error shape.
 """
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import secrets
 from dataclasses import dataclass
@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..errors import InputError
-from .errors import error_response
+from .errors import ErrorBody, error_response
 
 log = logging.getLogger("engine.serve")
 
@@ -232,11 +232,11 @@ def guarded_h11(header_timeout_s: float) -> type[H11Protocol]:
 
         def send_400_response(self, msg: str) -> None:
             """h11 could not parse the request: the one JSON error shape instead of uvicorn's text/plain."""
-            body = json.dumps({"error": "BadRequest", "detail": "malformed HTTP request (request line or headers "
-                                                                "could not be parsed); the connection is closed"})
+            body = ErrorBody(error="BadRequest", detail="malformed HTTP request (request line or headers could "
+                                                        "not be parsed); the connection is closed")
             headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
             for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"),
-                          h11.Data(data=body.encode()), h11.EndOfMessage()):
+                          h11.Data(data=body.model_dump_json().encode()), h11.EndOfMessage()):
                 self.transport.write(self.conn.send(event))
             self.transport.close()
 
