@@ -41,9 +41,9 @@ except ImportError as exc:  # pragma: no cover - depends on the build environmen
 ROOT = Path(__file__).resolve().parent
 CSRC = "csrc"
 DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
-CPU_SOURCES = ("bindings.cpp", "ops.cpp", "laclip_cpu.cpp", "cpu/laclip_generic.cpp", "cpu/laclip_avx2.cpp",
-               "cpu/laclip_avx512.cpp", "cpu/laclip_amx.cpp", "topk_chunks.cpp", "int8_linear.cpp", "int8_bert.cpp",
-               "int8_ops.cpp")
+CPU_SOURCES = ("module.cpp", "ops.cpp", "info_ops.cpp", "laclip_cpu.cpp", "cpu/laclip_generic.cpp",
+               "cpu/laclip_avx2.cpp", "cpu/laclip_avx512.cpp", "cpu/laclip_amx.cpp", "topk_chunks.cpp",
+               "int8_linear.cpp", "int8_bert.cpp", "int8_ops.cpp")
 CUDA_SOURCES = ("laclip_cuda.cu",)
 # Measured on a 2-core AMD EPYC (see README "Set-up"); printed so a long quiet build is not a surprise.
 EXPECTED_MINUTES = {"cpu": "about 4 minutes on 2 busy cores", "cuda": "about 6 minutes on 2 busy cores (CUDA included)"}

@@ -1,5 +1,5 @@
 // LACLIP fused scoring kernels: shared declarations for the CPU (laclip_cpu.cpp), CUDA (laclip_cuda.cu),
-// operator registration (ops.cpp) and Python utility binding (bindings.cpp) translation units.
+// operator registration (ops.cpp) and build-facts registration (info_ops.cpp) translation units.
 //
 // Inputs (validated and made contiguous by ops.cpp, the only entry, before any kernel runs):
 //   T [Q, D] text embeddings, G [N, D] global image embeddings, C [N, K, D] crop embeddings,

@@ -46,7 +46,7 @@ def extension_available() -> bool:
 
 def cuda_available() -> bool:
     """Whether the extension was built with CUDA kernels and a CUDA GPU is present."""
-    return _ext is not None and bool(_ext.built_with_cuda()) and torch.cuda.is_available()
+    return _ext is not None and bool(torch.ops.cnclip.built_with_cuda()) and torch.cuda.is_available()
 
 
 def cpu_isa() -> str:
@@ -71,10 +71,11 @@ def set_force_generic(force: bool) -> None:
 
 
 def extension() -> Any:
-    """The loaded extension module (engine._laclip_ext); ExtensionNotBuiltError saying how to build it if absent."""
+    """torch.ops.cnclip, the operators engine._laclip_ext registers (kernels, build facts and test hooks; see
+    csrc/info_ops.cpp); ExtensionNotBuiltError saying how to build it if the extension is absent."""
     if _ext is None:
         raise ExtensionNotBuiltError(f"engine._laclip_ext is not available ({_IMPORT_ERROR}); {BUILD_HINT}")
-    return _ext
+    return torch.ops.cnclip
 
 
 def _op_args(t: Any, g: Any, c: Any, alpha: Any, tau: Any, weights: Any) -> tuple:

@@ -25,7 +25,7 @@ def footprint(q: int, n: int, k: int) -> int:
 @pytest.mark.parametrize("q", [1, 7, 64, 16_384, 16_385, 100_000, 10_000_000, 10**9])
 def test_plan_stays_within_budget_for_any_q(q: int, n: int) -> None:
     ext = ops.extension()
-    budget, min_columns = ext.topk_budget_bytes, ext.topk_min_columns
+    budget, min_columns = ext.topk_limits()
     for k in sorted({k for k in (1, 10, 1000, n) if k <= n}):
         q_chunk, n_chunk, peak = ext.plan_topk_chunks(q, n, k)
         assert 1 <= q_chunk <= q and min(n, min_columns) <= n_chunk <= n
@@ -39,9 +39,9 @@ def test_plan_uses_the_budget() -> None:
     ext = ops.extension()
     assert ext.plan_topk_chunks(64, 100_000, 10)[:2] == (64, 100_000)
     q_chunk, n_chunk, peak = ext.plan_topk_chunks(64, 10_000_000, 10)
-    assert q_chunk == 64 and 100_000 < n_chunk < 10_000_000 and peak > ext.topk_budget_bytes // 2
+    assert q_chunk == 64 and 100_000 < n_chunk < 10_000_000 and peak > ext.topk_limits()[0] // 2
     q_chunk, n_chunk, _ = ext.plan_topk_chunks(1_000_000, 100_000, 10)
-    assert n_chunk == ext.topk_min_columns and q_chunk < 1_000_000
+    assert n_chunk == ext.topk_limits()[1] and q_chunk < 1_000_000
 
 
 def test_plan_with_k_too_large_for_the_budget_goes_one_query_at_a_time() -> None:
@@ -84,6 +84,6 @@ def test_cuda_topk_past_the_old_query_limit(weights: str) -> None:
     before = torch.cuda.memory_allocated()
     values, indices = ops.laclip_topk(t.cuda(), g.cuda(), c.cuda(), k=5, alpha=0.5, tau=0.1, weights=weights)
     inputs = sum(x.numel() * 4 for x in (t, g, c)) * 2  # inputs and their fp32 copy of T, generously
-    assert torch.cuda.max_memory_allocated() - before <= ops.extension().topk_budget_bytes + inputs + 20_000 * 5 * 12
+    assert torch.cuda.max_memory_allocated() - before <= ops.extension().topk_limits()[0] + inputs + 20_000 * 5 * 12
     cpu_values, _ = ops.laclip_topk(t, g, c, k=5, alpha=0.5, tau=0.1, weights=weights)
     torch.testing.assert_close(values.cpu(), cpu_values, atol=1e-5, rtol=1e-5)

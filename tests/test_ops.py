@@ -321,7 +321,7 @@ def test_missing_extension_raises_import_error(monkeypatch: pytest.MonkeyPatch) 
 
 def test_availability_flags() -> None:
     assert ops.extension_available()
-    assert ops.cuda_available() == (bool(ops._ext.built_with_cuda()) and torch.cuda.is_available())
+    assert ops.cuda_available() == (bool(ops.extension().built_with_cuda()) and torch.cuda.is_available())
     assert ops.cpu_isa() in ("amx_bf16", "avx512_bf16", "avx512", "avx2", "generic")
     assert ops.cpu_isas()[0] == "generic" and ops.cpu_isa() in ops.cpu_isas()
 
