@@ -4,6 +4,12 @@
 // The last layer runs its output projection and MLP for the first token only (the tower returns that token).
 #include "int8_bert.h"
 
+#include <ATen/ops/arange.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/gelu.h>
+#include <ATen/ops/scaled_dot_product_attention.h>
+
 #include <ATen/Parallel.h>
 
 #include <algorithm>

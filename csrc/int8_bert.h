@@ -1,7 +1,7 @@
 // The text tower's BERT encoder on int8 linear layers (int8_bert.cpp); inputs checked by int8_ops.cpp.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>  // not ATen/ATen.h: each source includes the ATen/ops it calls (build time)
 
 #include <vector>
 

@@ -14,6 +14,9 @@
 
 #include "laclip.h"
 
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+
 namespace laclip {
 namespace {
 

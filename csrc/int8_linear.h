@@ -7,7 +7,7 @@
 // bytes broadcast to every lane (AVX2's VPMADDUBSW takes 8 channels x 4 features per 32-byte load). Padding (K to a multiple of 4, N to a multiple of 32) is zero.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>  // not ATen/ATen.h: each source includes the ATen/ops it calls (build time)
 
 #include <cstdint>
 

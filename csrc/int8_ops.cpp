@@ -12,6 +12,9 @@
 #include "int8_bert.h"
 #include "int8_linear.h"
 
+#include <ATen/ops/empty.h>
+#include <ATen/ops/isfinite.h>
+
 namespace laclip {
 namespace {
 

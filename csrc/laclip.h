@@ -9,7 +9,7 @@
 //   w_j = softmax_j(c_nj . t_q / tau)   (weights_is_text == true,  "text")
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>  // not ATen/ATen.h: each source includes the ATen/ops it calls (build time)
 
 #include <cstdint>
 #include <string>

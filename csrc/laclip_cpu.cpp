@@ -23,6 +23,8 @@
 #include "laclip.h"
 #include "cpu/kernels.h"
 
+#include <ATen/ops/empty.h>
+
 #include <ATen/Parallel.h>
 
 #include <algorithm>

@@ -20,6 +20,8 @@
 #include "laclip.h"
 #include "topk_chunks.h"
 
+#include <ATen/ops/empty.h>
+
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>

@@ -1,6 +1,16 @@
 // Bounded-memory chunked top-k (see topk_chunks.h).
 #include "topk_chunks.h"
 
+#include <ATen/ops/bitwise_and.h>
+#include <ATen/ops/bitwise_right_shift.h>
+#include <ATen/ops/bitwise_xor.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/sort.h>
+#include <ATen/ops/topk.h>
+#include <ATen/ops/where.h>
+#include <ATen/TensorOperators.h>
+
 #include <algorithm>
 
 namespace laclip {

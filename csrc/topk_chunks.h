@@ -7,7 +7,7 @@
 // ties-to-lower-index rule holds by construction.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>  // not ATen/ATen.h: each source includes the ATen/ops it calls (build time)
 
 #include <cstdint>
 #include <cstring>
