@@ -155,3 +155,20 @@ def test_the_server_refuses_to_serve_a_damaged_index_with_verify_on_start(clean,
     assert done.returncode != 0
     assert "--verify-on-start: index served is damaged" in done.stderr and f"segments/{seg.name}" in done.stderr, \
         done.stderr[-800:]
+
+
+def test_index_verify_is_the_full_check_naming_the_damaged_file(clean, tmp_path):
+    """Index.verify() on disk runs verify_index: a vector byte flipped under an open index (opening reads only the
+    ids and payloads) is named by the same report as `python -m engine verify`."""
+    root = tmp_path / "open"
+    shutil.copytree(clean, root)
+    index = Index.open(root)
+    index.verify()
+    target = _files(root)[0]
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    target.write_bytes(bytes(data))
+    expected = [d.file for d in verify_index(root).damaged]
+    assert expected == [f"segments/{target.name}"]
+    with pytest.raises(IndexFormatError, match=f"segments/{target.name}"):
+        index.verify()

@@ -17,6 +17,7 @@ from .manifest import IndexManifest
 from .filters import parse_where
 from .search import CropScorer, Found, ImageScorer, Placement, Scorer, TextScorer, search
 from .snapshot import Snapshot
+from .verification import verify_index
 
 
 class IndexReads:
@@ -124,9 +125,16 @@ class IndexReads:
         return stats
 
     def verify(self) -> None:
-        """Read every segment in full and check its checksums (opening checks only structure)."""
-        for live in self._snapshot.segments:
-            live.segment.verify()
+        """Read every file in full against its checksums (opening checks only structure): on disk, everything the
+        newest commit names (verify_index: segments, delete files); in memory, the snapshot's segments. Raises
+        IndexFormatError naming each damaged file."""
+        if self._dir.path is None:
+            for live in self._snapshot.segments:
+                live.segment.verify()
+            return
+        report = verify_index(self._dir.path)
+        if not report.ok:
+            raise IndexFormatError(f"{self._dir.path}: {report.summary()}")
 
     # ---- search -------------------------------------------------------------------------------------------
 

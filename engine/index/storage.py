@@ -125,67 +125,87 @@ def _aligned(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """A container's parsed header: the JSON text (with its reserved spaces), meta, column specs, where the data
+    starts, and a copy-on-write map of the whole file (never written; writeable views hand to torch without a copy)."""
+
+    text: bytes
+    meta: dict[str, Any]
+    columns: dict[str, Any]
+    data_start: int
+    raw: np.ndarray
+
+
+def _layout(path: Path) -> _Layout:
+    """The header of one container, checked against the file's size."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(16)
+        if len(head) < 16 or head[:8] != MAGIC:
+            raise IndexFormatError(f"{path}: not a segment file (bad magic or truncated)")
+        (length,) = struct.unpack("<Q", head[8:])
+        if length > size - 16:
+            raise IndexFormatError(f"{path}: truncated header")
+        text = f.read(length)
+    header = json.loads(text)
+    meta, columns = header["meta"], header["columns"]
+    data_start = _aligned(16 + length)
+    raw = np.memmap(path, dtype=np.uint8, mode="c") if size else np.zeros(0, np.uint8)
+    end = data_start + max((int(c["offset"]) + _aligned(int(c["nbytes"])) for c in columns.values()), default=0)
+    if size != end:
+        raise IndexFormatError(f"{path}: {size} bytes, the header describes {end} (truncated or damaged)")
+    return _Layout(text, meta, columns, data_start, raw)
+
+
+def _column_views(path: Path, layout: _Layout, verify: Callable[[str], bool]) -> dict[str, np.ndarray]:
+    """Read-only views of every column; those for which `verify(name)` holds are checked against their CRC-32."""
+    views = {}
+    for name, spec in layout.columns.items():
+        dtype, shape = np.dtype(spec["dtype"]), tuple(int(x) for x in spec["shape"])
+        start, nbytes = layout.data_start + int(spec["offset"]), int(spec["nbytes"])
+        if spec["dtype"] not in _DTYPES or nbytes != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+            raise IndexFormatError(f"{path}: column {name} has an inconsistent dtype/shape/size")
+        if start + nbytes > len(layout.raw):
+            raise IndexFormatError(f"{path}: column {name} runs past the end of the file (truncated)")
+        views[name] = layout.raw[start:start + nbytes].view(dtype).reshape(shape)
+        if verify(name):
+            _check_crc(path, name, views[name], spec)
+    return views
+
+
+def _parsed(path: Path, verify: Callable[[str], bool]) -> tuple[_Layout, dict[str, np.ndarray]]:
+    """The layout and column views of one container; any fault becomes an IndexFormatError naming the file."""
+    try:
+        layout = _layout(path)
+        return layout, _column_views(path, layout, verify)
+    except IndexFormatError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
+        raise IndexFormatError(f"{path}: damaged segment file ({exc.__class__.__name__}: {exc})") from exc
+
+
 def read_container(path: Path, verify: Callable[[str], bool] = lambda name: False,
                    ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """(meta, read-only column views over one memory map); an IndexFormatError names the file and the fault.
     Columns for which `verify(name)` holds are read at once and checked against their CRC-32 (small ones: ids
     and payloads, whose damage would otherwise rename or drop rows silently)."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(16)
-            if len(head) < 16 or head[:8] != MAGIC:
-                raise IndexFormatError(f"{path}: not a segment file (bad magic or truncated)")
-            (length,) = struct.unpack("<Q", head[8:])
-            if length > size - 16:
-                raise IndexFormatError(f"{path}: truncated header")
-            header = json.loads(f.read(length))
-        meta, columns = header["meta"], header["columns"]
-        data_start = _aligned(16 + length)
-        # copy-on-write mapping: never written, but writeable views hand to torch without a copy or a warning
-        raw = np.memmap(path, dtype=np.uint8, mode="c") if size else np.zeros(0, np.uint8)
-        end = data_start + max((int(c["offset"]) + _aligned(int(c["nbytes"])) for c in columns.values()), default=0)
-        if size != end:
-            raise IndexFormatError(f"{path}: {size} bytes, the header describes {end} (truncated or damaged)")
-        views = {}
-        for name, spec in columns.items():
-            dtype, shape = np.dtype(spec["dtype"]), tuple(int(x) for x in spec["shape"])
-            start, nbytes = data_start + int(spec["offset"]), int(spec["nbytes"])
-            if spec["dtype"] not in _DTYPES or nbytes != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
-                raise IndexFormatError(f"{path}: column {name} has an inconsistent dtype/shape/size")
-            if start + nbytes > size:
-                raise IndexFormatError(f"{path}: column {name} runs past the end of the file (truncated)")
-            views[name] = raw[start:start + nbytes].view(dtype).reshape(shape)
-            if verify(name):
-                _check_crc(path, name, views[name], spec)
-        return meta, views
-    except IndexFormatError:
-        raise
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise IndexFormatError(f"{path}: damaged segment file ({exc.__class__.__name__}: {exc})") from exc
+    layout, views = _parsed(path, verify)
+    return layout.meta, views
 
 
 def verify_container(path: Path) -> None:
     """Check every byte the writer wrote: each column against its CRC-32, the header's reserved area (spaces) and
     the alignment gaps (zeros); an IndexFormatError names the file and the column or area."""
-    _, views = read_container(path)
-    try:
-        with open(path, "rb") as f:
-            f.seek(8)
-            (length,) = struct.unpack("<Q", f.read(8))
-            text = f.read(length)
-            columns = json.loads(text)["columns"]
-    except (OSError, ValueError, KeyError, struct.error) as exc:
-        raise IndexFormatError(f"{path}: damaged segment file ({exc})") from exc
-    raw = np.memmap(path, dtype=np.uint8, mode="r")
-    data_start = _aligned(16 + length)
+    layout, _ = _parsed(path, lambda name: True)
+    raw, text = layout.raw, layout.text
     json_end = 16 + len(text.rstrip(b" "))
-    if np.any(raw[json_end:16 + length] != ord(" ")) or np.any(raw[16 + length:data_start] != 0):
+    if np.any(raw[json_end:16 + len(text)] != ord(" ")) or np.any(raw[16 + len(text):layout.data_start] != 0):
         raise IndexFormatError(f"{path}: the header's reserved area is damaged")
-    for name, spec in columns.items():
-        _check_crc(path, name, views[name], spec)
-        gap_start = data_start + int(spec["offset"]) + int(spec["nbytes"])
-        if np.any(raw[gap_start:data_start + int(spec["offset"]) + _aligned(int(spec["nbytes"]))] != 0):
+    for name, spec in layout.columns.items():
+        gap_start = layout.data_start + int(spec["offset"]) + int(spec["nbytes"])
+        gap_end = layout.data_start + int(spec["offset"]) + _aligned(int(spec["nbytes"]))
+        if np.any(raw[gap_start:gap_end] != 0):
             raise IndexFormatError(f"{path}: the padding after column {name} is damaged")
 
 
