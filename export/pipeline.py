@@ -3,7 +3,8 @@
 `precision="auto"` builds every candidate precision from one fp32 export, gates each on parity, times each tower
 of each on this machine with repeats, and keeps those that pass, each in its own sub-directory. The torch
 precisions this CPU runs (bf16 and bf16-compiled with bf16 units, int8-text with the extension) are gated and timed
-the same way from the checkpoint. Each tower is then chosen on its own by the noise rule of
+the same way from the checkpoint, and so is OpenVINO's CPU plugin on the passing ONNX files where openvino is
+installed (fp32, the bf16 hint on bf16 hardware, the int8 graphs). Each tower is then chosen on its own by the noise rule of
 engine.backends.auto_precision (a candidate wins only by more than the measured spread). The top-level manifest
 describes the fastest ONNX precision overall (the legacy single choice) and records, in `selection`, every
 candidate's samples and parity per tower, the per-tower choices and a one-line summary.
@@ -19,12 +20,13 @@ from pathlib import Path
 import torch
 
 from engine.backends import Encoder
-from engine.backends.auto_precision import (TOWERS, TowerCandidate, choose_tower, choose_towers, summary_line,
-                                            time_samples, torch_candidates)
+from engine.backends.auto_precision import (TOWERS, TowerCandidate, choose_tower, choose_towers,
+                                            openvino_candidates, summary_line, time_samples, torch_candidates)
 from engine.backends.base import trim_padding
 from engine.backends.cpu_features import cpu_info
 from engine.backends.export_manifest import MANIFEST_NAME, ExportManifest, TowerEntry
 from engine.backends.export_reader import open_encoder
+from engine.backends.openvino_backend import GATE_PRECISION as OPENVINO_GATES
 from engine.backends.versions import package_versions
 from engine.errors import InputError
 from engine.install_hints import require
@@ -197,8 +199,14 @@ def _export_auto(job: _Job, staging: Path, calibration: Calibration) -> ExportMa
         overrides = None if job.min_cosine is None else {p: job.min_cosine for p in AUTO_TORCH}
         timed, _ = torch_candidates(job.loaded.model, spec.input_resolution, pixels, query, parity, AUTO_REPEATS,
                                     AUTO_TORCH, overrides)
+        files = {p: (staging / p / m.vision.file, staging / p / m.text.file) for p, m in manifests.items()}
+        gates = {name: THRESHOLDS[gate] if job.min_cosine is None else job.min_cosine
+                 for name, gate in OPENVINO_GATES.items()}
+        first = next(iter(manifests.values()))  # every precision shares the dimensions
+        dims = {"embed_dim": first.embed_dim, "input_resolution": first.input_resolution, "pad_id": first.pad_id}
+        openvino = openvino_candidates(files, dims, pixels, query, parity, gates, AUTO_REPEATS)
         for tower in TOWERS:
-            towers[tower] += timed[tower]
+            towers[tower] += timed[tower] + openvino[tower]
     choices = choose_towers(towers)
     exported = {t: choose_tower([c for c in towers[t] if c.backend == backend]) for t in TOWERS}
     chosen = min(manifests, key=lambda p: candidates[p]["seconds"])

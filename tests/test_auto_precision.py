@@ -11,7 +11,7 @@ import torch
 
 from conftest import SAMPLE_TEXTS
 from engine import InputError
-from engine.backends import TorchEncoder, auto_precision
+from engine.backends import TorchEncoder, auto_precision, openvino_backend
 from engine.backends.auto_precision import (PerTowerEncoder, TowerCandidate, choose_tower, choose_towers,
                                             summary_line, time_samples, torch_auto_encoder)
 from engine.backends.export_reader import choose_towers as served_towers
@@ -202,7 +202,7 @@ def test_auto_export_serves_each_towers_choice(auto_export, tiny_checkpoint):
     encoder, manifest = open_encoder(auto_export)
     for tower in ("vision", "text"):
         chosen = towers[tower]["chosen"]
-        label = chosen if chosen.startswith("torch-") else f"onnx-{towers[tower]['onnx']}"
+        label = chosen if chosen.startswith(("torch-", "openvino-")) else f"onnx-{towers[tower]['onnx']}"
         assert label in manifest.precision
     clip = load_model(None, "tiny", random_weights=True).model.eval()
     ref = TorchEncoder(clip, 224)
@@ -236,6 +236,126 @@ def test_a_torch_choice_is_served_from_the_checkpoint_or_falls_back_to_onnx(auto
     encoder, manifest = open_encoder(copy)
     assert "torch" not in manifest.precision and onnx_text in manifest.precision
     assert row_cosines(encoder.encode_texts(ids), ref).min() >= 0.99
+
+
+# ---- OpenVINO candidates (optional backend) -------------------------------------------------------------------------
+
+OPENVINO = openvino_backend.import_openvino()
+needs_openvino = pytest.mark.skipif(OPENVINO is None, reason="openvino is not installed "
+                                    '(pip install --no-build-isolation -e ".[openvino]")')
+
+
+def _export_files(directory):
+    """export precision -> (vision, text) ONNX paths of an auto export's passing precisions, and the dims."""
+    top = load_manifest(directory)
+    files = {}
+    for precision, entry in top.selection["candidates"].items():
+        if entry["passed"]:
+            sub = directory / entry["directory"]
+            manifest = load_manifest(sub)
+            files[precision] = (sub / manifest.vision.file, sub / manifest.text.file)
+    return files, {"embed_dim": top.embed_dim, "input_resolution": top.input_resolution, "pad_id": top.pad_id}
+
+
+def _fp32_parity(ids, pixels):
+    ref = TorchEncoder(load_model(None, "tiny", random_weights=True).model.eval(), 224)
+    want = {"vision": ref.encode_images(pixels), "text": ref.encode_texts(ids)}
+    return lambda enc: {"vision": float(row_cosines(enc.encode_images(pixels), want["vision"]).min()),
+                        "text": float(row_cosines(enc.encode_texts(ids), want["text"]).min())}
+
+
+def test_auto_export_records_each_openvino_candidate_with_its_source_or_reason(auto_export):
+    towers = load_manifest(auto_export).selection["towers"]
+    for tower in ("vision", "text"):
+        entries = towers[tower]["candidates"]
+        for name, (source, _) in openvino_backend.CANDIDATES.items():
+            entry = entries[name]
+            assert entry["backend"] == "openvino" and entry["source"] == source
+            if OPENVINO is None:
+                assert not entry["passed"] and "pip install" in entry["reason"]
+            elif entry["passed"]:
+                assert entry["min_cosine"] >= entry["threshold"] == THRESHOLDS[openvino_backend.GATE_PRECISION[name]]
+            else:
+                assert entry["reason"]
+
+
+@needs_openvino
+def test_openvino_wins_a_tower_only_beyond_the_noise(auto_export):
+    """Injected timings: OpenVINO fp32 replaces ONNX fp32 for images only when faster by more than the spread."""
+    files, dims = _export_files(auto_export)
+    ids = Tokenizer(52)(SAMPLE_TEXTS).ids
+    pixels = generated_pixels(224, count=2, seed=29)
+    fast = {"vision": [0.50, 0.52, 0.51], "text": [0.10, 0.10, 0.10]}  # vision beyond, text inside the noise
+    seen = []
+
+    def timer(name, tower, fn):
+        fn()
+        seen.append(name)
+        return fast[tower] if name == "openvino-fp32" else [9.0, 9.0, 9.0]
+
+    gates = {name: THRESHOLDS[gate] for name, gate in openvino_backend.GATE_PRECISION.items()}
+    timed = auto_precision.openvino_candidates(files, dims, pixels, ids[:1], _fp32_parity(ids, pixels), gates,
+                                               timer=timer)
+    assert "openvino-fp32" in seen
+    onnx = {"vision": cand("onnx-fp32", [1.0, 1.01, 1.02], threshold=0.99999),
+            "text": cand("onnx-fp32", [0.098, 0.102, 0.11], threshold=0.99999)}
+    choices = choose_towers({t: [onnx[t], *timed[t]] for t in ("vision", "text")})
+    assert choices["vision"].name == "openvino-fp32" and choices["text"].name == "onnx-fp32"
+    assert choices["vision"].min_cosine >= THRESHOLDS["fp32"]
+
+
+def test_without_openvino_its_candidates_carry_the_install_hint(auto_export, monkeypatch):
+    monkeypatch.setattr(openvino_backend, "import_openvino", lambda: None)
+    files, dims = _export_files(auto_export)
+    timed = auto_precision.openvino_candidates(files, dims, torch.zeros(1, 3, 224, 224),
+                                               torch.ones(1, 4, dtype=torch.long), lambda enc: {},
+                                               {name: 0.99 for name in openvino_backend.CANDIDATES},
+                                               timer=lambda *a: pytest.fail("nothing may be timed"))
+    for tower in ("vision", "text"):
+        assert [c.name for c in timed[tower]] == list(openvino_backend.CANDIDATES)
+        assert all(not c.passed and "pip install" in c.reason for c in timed[tower])
+
+
+def test_an_openvino_choice_is_served_or_falls_back_to_onnx(auto_export, tmp_path, monkeypatch):
+    """A copy whose vision tower chose OpenVINO fp32: served by OpenVINO over the fp32 ONNX file where openvino
+    is installed, by the tower's best ONNX precision (with a warning) where it is not."""
+    import shutil
+
+    copy = shutil.copytree(auto_export, tmp_path / "copy")
+    raw = json.loads((copy / "manifest.json").read_text())
+    vision = raw["selection"]["towers"]["vision"]
+    vision["candidates"]["openvino-fp32"].update(passed=True, min_cosine=1.0)
+    vision["candidates"]["openvino-fp32"].pop("reason", None)
+    vision["chosen"] = "openvino-fp32"
+    (copy / "manifest.json").write_text(json.dumps(raw))
+    onnx_vision = vision["chosen_onnxruntime"]
+    pixels = generated_pixels(224, count=3, seed=37)
+    ref = TorchEncoder(load_model(None, "tiny", random_weights=True).model.eval(), 224).encode_images(pixels)
+    if OPENVINO is not None:
+        encoder, manifest = open_encoder(copy)
+        assert manifest.precision.startswith("vision openvino-fp32") or manifest.precision == "openvino-fp32"
+        assert manifest.vision.file.startswith("fp32/")
+        assert isinstance(encoder.vision, openvino_backend.OpenVinoEncoder)
+        assert row_cosines(encoder.encode_images(pixels), ref).min() >= THRESHOLDS["fp32"]
+    monkeypatch.setattr(openvino_backend, "import_openvino", lambda: None)
+    assert served_towers(copy)["vision"]["chosen"] == onnx_vision
+    encoder, manifest = open_encoder(copy)
+    assert "openvino" not in manifest.precision and onnx_vision in manifest.precision
+    assert row_cosines(encoder.encode_images(pixels), ref).min() >= 0.99
+
+
+def test_the_openvino_encoder_refuses_a_tower_it_was_not_built_with(auto_export):
+    if OPENVINO is None:
+        with pytest.raises(InputError, match="pip install"):
+            openvino_backend.OpenVinoEncoder(None, None, embed_dim=8, input_resolution=224)
+        return
+    files, dims = _export_files(auto_export)
+    text_only = openvino_backend.OpenVinoEncoder(None, files["fp32"][1], **dims)
+    assert text_only.encode_texts(Tokenizer(52)(SAMPLE_TEXTS).ids).shape == (len(SAMPLE_TEXTS), dims["embed_dim"])
+    with pytest.raises(InputError, match="without the vision tower"):
+        text_only.encode_images(torch.zeros(1, 3, 224, 224))
+    with pytest.raises(InputError, match="'f32' or 'bf16'"):
+        openvino_backend.OpenVinoEncoder(None, files["fp32"][1], hint="fp16", **dims)
 
 
 def test_random_weights_with_a_checkpoint_is_refused(tiny_checkpoint, tmp_path):

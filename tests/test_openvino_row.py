@@ -4,22 +4,22 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks import towers_openvino
 from benchmarks.towers_openvino import ROWS, openvino_encoders
 from conftest import SAMPLE_TEXTS
 from engine.backends import TorchEncoder
+from engine.backends import openvino_backend
 from engine.backends.export_reader import load_manifest
 from engine.models import load_model
 from engine.preprocess import Tokenizer
 from export import THRESHOLDS, export_model
 from export.parity import generated_pixels, row_cosines
 
-OPENVINO = towers_openvino.import_openvino()
+OPENVINO = openvino_backend.import_openvino()
 needs_openvino = pytest.mark.skipif(OPENVINO is None, reason='openvino is not installed (pip install --no-build-isolation -e ".[openvino]")')
 
 
 def test_without_openvino_every_row_is_skipped_with_the_install_hint(monkeypatch):
-    monkeypatch.setattr(towers_openvino, "import_openvino", lambda: None)
+    monkeypatch.setattr(openvino_backend, "import_openvino", lambda: None)
     encoders, skipped = openvino_encoders(None, {}, 2)
     assert encoders == {} and set(skipped) == set(ROWS)
     assert all("pip install" in why for why in skipped.values())
@@ -39,8 +39,7 @@ def test_openvino_rows_match_fp32_pytorch_at_their_gates(tmp_path):
     pixels = generated_pixels(224, count=3, seed=31)
     ids = Tokenizer(52)(SAMPLE_TEXTS).ids
     want_images, want_texts = ref.encode_images(pixels), ref.encode_texts(ids)
-    gates = {"openvino-fp32": THRESHOLDS["fp32"], "openvino-bf16": THRESHOLDS["bf16"],
-             "openvino-int8": THRESHOLDS["int8"], "openvino-int8-static": THRESHOLDS["int8-static"]}
+    gates = {row: THRESHOLDS[gate] for row, gate in openvino_backend.GATE_PRECISION.items()}
     for row, encoder in encoders.items():
         assert row_cosines(encoder.encode_images(pixels), want_images).min() >= gates[row], row
         assert row_cosines(encoder.encode_texts(ids), want_texts).min() >= gates[row], row

@@ -11,8 +11,9 @@ hid a text tower 2.8x faster; median - min was 0.26 ms). Another candidate repla
 median is lower by more than the larger of the two spreads, and among those that do, the lowest median wins: a
 difference inside the noise never changes the choice.
 
-Used by `python -m export --precision auto` (ONNX and torch candidates; the torch ones are served from the
-checkpoint when it is at hand, export_reader) and, for a checkpoint served or indexed with the torch backend, by
+Used by `python -m export --precision auto` (ONNX Runtime, torch and, where installed, OpenVINO candidates; the
+torch ones are served from the checkpoint when it is at hand, the OpenVINO ones from the export's own ONNX files,
+export_reader) and, for a checkpoint served or indexed with the torch backend, by
 `torch_auto_encoder` (torch precisions only: fp32, bf16 and bf16-compiled where the CPU has bf16 units, int8-text
 where the extension is built). Timings can be injected (tests): the choice is a pure function of the samples.
 """
@@ -22,6 +23,7 @@ import logging
 import statistics
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
@@ -33,8 +35,8 @@ from .cpu_features import cpu_info
 TOWERS = ("vision", "text")
 log = logging.getLogger(__name__)
 
-__all__ = ["TowerCandidate", "PerTowerEncoder", "choose_tower", "choose_towers", "time_samples", "summary_line",
-           "torch_candidates", "torch_auto_encoder"]
+__all__ = ["TowerCandidate", "PerTowerEncoder", "choose_tower", "choose_towers", "openvino_candidates",
+           "time_samples", "summary_line", "torch_candidates", "torch_auto_encoder"]
 
 
 def time_samples(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1,
@@ -57,12 +59,13 @@ class TowerCandidate:
     """One way to run one tower: its timed samples (seconds per call of the workload) and its parity."""
 
     name: str  # e.g. "onnx-int8", "torch-int8-text"
-    backend: str  # "onnxruntime" or "torch"
+    backend: str  # "onnxruntime", "torch" or "openvino"
     precision: str
     samples: list[float] = field(default_factory=list)
     min_cosine: float | None = None
     threshold: float = 0.99
     reason: str | None = None  # why it was not timed or did not pass (None: it ran and passed)
+    source: str | None = None  # the export precision whose ONNX files it runs (OpenVINO candidates)
 
     @property
     def passed(self) -> bool:
@@ -81,6 +84,8 @@ class TowerCandidate:
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"backend": self.backend, "precision": self.precision, "passed": self.passed,
                                "min_cosine": self.min_cosine, "threshold": self.threshold}
+        if self.source is not None:
+            out["source"] = self.source
         if self.samples:
             out.update(samples_s=[round(s, 6) for s in self.samples], median_s=self.median, spread_s=self.spread)
         if self.reason is not None:
@@ -210,15 +215,49 @@ def torch_candidates(model: torch.nn.Module, resolution: int, pixels: torch.Tens
         if skip is None:
             encoder = TorchEncoder(model, resolution, precision=precision)
             encoders[precision] = encoder
-            cosines = parity(encoder)  # also the warm-up (bf16-compiled compiles its buckets here)
-            for tower, cand in cands.items():
-                cand.min_cosine = cosines[tower]
-                encode = encoder.encode_images if tower == "vision" else encoder.encode_texts
-                timed = pixels if tower == "vision" else queries
-                cand.samples = timer(name, tower, lambda: encode(timed))
+            _gate_and_time(cands, encoder, parity, pixels, queries, timer)
         for tower, cand in cands.items():
             out[tower].append(cand)
     return out, encoders
+
+
+def _gate_and_time(cands: dict[str, TowerCandidate], encoder: Any, parity: Callable[[Any], dict[str, float]],
+                   pixels: torch.Tensor, queries: torch.Tensor, timer: Timer) -> None:
+    """Fill each tower's candidate from `encoder`: its parity (the call is also the warm-up: bf16-compiled
+    compiles its buckets there), then the timed samples of one call on the workload."""
+    cosines = parity(encoder)
+    for tower, cand in cands.items():
+        cand.min_cosine = cosines[tower]
+        encode = encoder.encode_images if tower == "vision" else encoder.encode_texts
+        timed = pixels if tower == "vision" else queries
+        cand.samples = timer(cand.name, tower, lambda: encode(timed))
+
+
+def openvino_candidates(files: dict[str, tuple[Path, Path]], dims: dict[str, int], pixels: torch.Tensor,
+                        queries: torch.Tensor, parity: Callable[[Any], dict[str, float]],
+                        thresholds: dict[str, float], repeats: int = 5,
+                        timer: Timer | None = None) -> dict[str, list[TowerCandidate]]:
+    """Gate and time OpenVINO on the export's own ONNX files (`files`: export precision -> (vision, text) paths
+    of the precisions that passed parity; `dims`: embed_dim, input_resolution, pad_id), per tower in the order of
+    openvino_backend.CANDIDATES, each held to `thresholds[name]`. A candidate that cannot run here (OpenVINO
+    absent, no bf16 units, its source precision failed parity, an operator OpenVINO cannot compile) is listed
+    with the reason."""
+    from .openvino_backend import CANDIDATES, GATE_PRECISION, candidate_encoder
+
+    timer = timer or (lambda name, tower, fn: time_samples(fn, repeats))
+    out: dict[str, list[TowerCandidate]] = {t: [] for t in TOWERS}
+    for name, (source, _) in CANDIDATES.items():
+        cands = {t: TowerCandidate(name, "openvino", GATE_PRECISION[name], threshold=thresholds[name],
+                                   source=source) for t in TOWERS}
+        encoder, reason = None, f"the export's {source} towers failed their parity gate"
+        if source in files:
+            encoder, reason = candidate_encoder(name, *files[source], dims)
+        if encoder is not None:
+            _gate_and_time(cands, encoder, parity, pixels, queries, timer)
+        for tower, cand in cands.items():
+            cand.reason = reason
+            out[tower].append(cand)
+    return out
 
 
 def torch_auto_encoder(model: torch.nn.Module, resolution: int, repeats: int = 5, context_length: int = 52,

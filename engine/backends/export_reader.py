@@ -2,10 +2,11 @@
 
 `open_encoder` is what `Retriever.from_export` and the server use. For an export made with `--precision auto`
 (several precisions side by side), `choose_precision` names the one precision that was fastest over both towers
-(among those whose hardware this CPU has), and `choose_towers` what auto chose for each tower on its own (ONNX or
-torch). `open_encoder(precision=None)` serves the per-tower choice: each tower from its chosen ONNX precision, or
-from the torch precision auto chose when the export's checkpoint is at hand (the same file, by hash), else from that
-tower's best ONNX precision.
+(among those whose hardware this CPU has), and `choose_towers` what auto chose for each tower on its own (ONNX,
+torch or OpenVINO). `open_encoder(precision=None)` serves the per-tower choice: each tower from its chosen ONNX
+precision, from the torch precision auto chose when the export's checkpoint is at hand (the same file, by hash),
+or from OpenVINO over the ONNX files it was timed on when openvino is installed; else from that tower's best ONNX
+precision.
 """
 from __future__ import annotations
 
@@ -79,10 +80,25 @@ def choose_towers(directory: str | Path) -> dict[str, dict[str, str]]:
         if onnx is None:
             continue
         chosen = entry["chosen"]
-        if chosen.startswith("torch-") and runnable_here(chosen[len("torch-"):]) is not None:
+        why_not = _why_not_here(chosen, entry["candidates"][chosen])
+        if why_not is not None:
+            log.warning("export %s: the %s tower's choice %s does not run here (%s); serving %s", directory,
+                        tower, chosen, why_not, onnx)
             chosen = onnx
-        out[tower] = {"chosen": chosen, "onnx": entry["candidates"][onnx]["precision"]}
+        out[tower] = {"chosen": chosen, "onnx": entry["candidates"][onnx]["precision"],
+                      **({"source": entry["candidates"][chosen]["source"]} if chosen.startswith("openvino-") else {})}
     return out
+
+
+def _why_not_here(name: str, candidate: dict[str, Any]) -> str | None:
+    """Why the per-tower choice `name` cannot be served on this machine (None: it can)."""
+    if candidate.get("backend") == "torch":
+        return runnable_here(candidate["precision"])
+    if candidate.get("backend") == "openvino":
+        from .openvino_backend import unavailable
+
+        return unavailable(name)
+    return None
 
 
 def _torch_model(directory: Path, manifest: ExportManifest) -> Any | None:
@@ -100,28 +116,49 @@ def _torch_model(directory: Path, manifest: ExportManifest) -> Any | None:
 
 def _per_tower_encoder(directory: Path, top: ExportManifest, device: str, options: dict[str, Any],
                        towers: dict[str, dict[str, str]]) -> tuple[Encoder, ExportManifest]:
-    """Each tower from its chosen precision (see choose_towers)."""
+    """Each tower from its chosen precision (see choose_towers); ONNX Runtime sessions only for the towers that
+    no torch or OpenVINO choice serves."""
     from .onnx_backend import OnnxEncoder, OrtSettings
 
     settings = _settings(OrtSettings, options, "onnxruntime")
+    dims = dict(embed_dim=top.embed_dim, input_resolution=top.input_resolution, pad_id=top.pad_id)
     manifests = {t: load_manifest(_precision_directory(directory, top, towers[t]["onnx"])) for t in towers}
-    paths = {t: _precision_directory(directory, top, towers[t]["onnx"]) / getattr(manifests[t], t).file
-             for t in towers}
-    onnx = OnnxEncoder(paths["vision"], paths["text"], device=device, settings=settings,
-                       expected_metadata={t: manifests[t].metadata(t) for t in towers},
-                       embed_dim=top.embed_dim, input_resolution=top.input_resolution, pad_id=top.pad_id)
+    onnx_paths = {t: _precision_directory(directory, top, towers[t]["onnx"]) / getattr(manifests[t], t).file
+                  for t in towers}
+    paths = dict(onnx_paths)  # the file each tower is served from
     served = {t: f"onnx-{towers[t]['onnx']}" for t in towers}
+    parts: dict[str, Encoder] = {}
+    on_cpu = device == "cpu"  # torch and OpenVINO choices were timed on this CPU; on CUDA the ONNX towers serve
     wanted = {t: towers[t]["chosen"][len("torch-"):] for t in towers if towers[t]["chosen"].startswith("torch-")}
-    model = _torch_model(directory, top) if wanted and device == "cpu" else None
-    encoder: Encoder = onnx
+    model = _torch_model(directory, top) if wanted and on_cpu else None
     if model is not None:
-        from .auto_precision import PerTowerEncoder
         from .torch_backend import TorchEncoder
 
         built = {p: TorchEncoder(model, top.input_resolution, precision=p, pad_id=top.pad_id)
                  for p in set(wanted.values())}
-        parts = {t: built[wanted[t]] if t in wanted else onnx for t in ("vision", "text")}
+        parts.update({t: built[p] for t, p in wanted.items()})
         served.update({t: f"torch-{p}" for t, p in wanted.items()})
+    openvino = {t: towers[t]["chosen"] for t in towers if towers[t]["chosen"].startswith("openvino-") and on_cpu}
+    for name in set(openvino.values()):
+        from .openvino_backend import CANDIDATES, OpenVinoEncoder  # openvino is optional: imported when chosen
+
+        mine = [t for t, n in openvino.items() if n == name]
+        source = _precision_directory(directory, top, towers[mine[0]]["source"])  # the ONNX files it was timed on
+        source_manifest = load_manifest(source)
+        files = {t: source / getattr(source_manifest, t).file if t in mine else None for t in ("vision", "text")}
+        ov = OpenVinoEncoder(files["vision"], files["text"], hint=CANDIDATES[name][1],
+                             threads=settings.intra_op_num_threads, **dims)
+        parts.update({t: ov for t in mine})
+        served.update({t: name for t in mine})
+        paths.update({t: files[t] for t in mine})
+    if set(parts) != set(towers):
+        onnx = OnnxEncoder(onnx_paths["vision"], onnx_paths["text"], device=device, settings=settings,
+                           expected_metadata={t: manifests[t].metadata(t) for t in towers}, **dims)
+        parts = {t: parts.get(t, onnx) for t in towers}
+    encoder: Encoder = parts["vision"]
+    if not all(isinstance(part, OnnxEncoder) for part in parts.values()):
+        from .auto_precision import PerTowerEncoder
+
         encoder = PerTowerEncoder(parts["vision"], parts["text"], served)
     label = served["vision"] if served["vision"] == served["text"] else f"vision {served['vision']}, text {served['text']}"
     manifest = replace(top, precision=label,
