@@ -69,6 +69,15 @@ AUTO_SERVED: list[str] = []  # what the auto row serves per tower, e.g. "vision 
 
 @pytest.fixture(scope="module")
 def checkpoint() -> Path:
+    return random_checkpoint()
+
+
+@pytest.fixture(scope="module")
+def encoders(checkpoint: Path) -> dict[str, object]:
+    return build_encoders(checkpoint)
+
+
+def random_checkpoint() -> Path:
     """A random-weight checkpoint in cn_clip format (written once)."""
     WORK_DIR.mkdir(parents=True, exist_ok=True)
     path = WORK_DIR / f"{MODEL.lower()}-random.pt"
@@ -85,9 +94,9 @@ def _cached(directory: Path, key: str, make) -> None:
         stamp.write_text(key)
 
 
-@pytest.fixture(scope="module")
-def encoders(checkpoint: Path) -> dict[str, object]:
-    """Every implementation's encoder; exports are (re)made when the checkpoint or the export code changed."""
+def build_encoders(checkpoint: Path) -> dict[str, object]:
+    """Every implementation's encoder; exports are (re)made when the checkpoint or the export code changed.
+    Fills PARITY, SELECTION, UNAVAILABLE and AUTO_SERVED on the way (benchmarks.towers_interleaved reads them)."""
     from export import THRESHOLDS, export_model
     from export.parity import (ParityInputs, generated_pixels, generated_token_ids, lowest, measure,
                                reference)
@@ -149,11 +158,11 @@ def _export_code_digest() -> str:
     return digest.hexdigest()
 
 
-def _pixels(batch: int) -> torch.Tensor:
+def bench_pixels(batch: int) -> torch.Tensor:
     return torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(batch))
 
 
-def _ids(batch: int, length: int) -> torch.Tensor:
+def bench_ids(batch: int, length: int) -> torch.Tensor:
     ids = torch.randint(672, 7992, (batch, length), generator=torch.Generator().manual_seed(length))
     ids[:, 0], ids[:, -1] = 101, 102  # [CLS] ... [SEP], no padding
     return ids
@@ -180,7 +189,7 @@ def _run(benchmark, encoders, case: str, batch: int, impl: str, call) -> None:
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("batch", BATCHES)
 def test_vision(benchmark, encoders, batch, impl):
-    pixels = _pixels(batch)
+    pixels = bench_pixels(batch)
     _run(benchmark, encoders, "vision", batch, impl, lambda encoder: encoder.encode_images(pixels))
 
 
@@ -188,7 +197,7 @@ def test_vision(benchmark, encoders, batch, impl):
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("length", TEXT_LENGTHS)
 def test_text(benchmark, encoders, length, batch, impl):
-    ids = _ids(batch, length)
+    ids = bench_ids(batch, length)
     _run(benchmark, encoders, f"text L={length}", batch, impl, lambda encoder: encoder.encode_texts(ids))
 
 

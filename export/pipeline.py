@@ -21,7 +21,8 @@ import torch
 
 from engine.backends import Encoder
 from engine.backends.auto_precision import (TOWERS, TowerCandidate, choose_tower, choose_towers,
-                                            openvino_candidates, summary_line, time_samples, torch_candidates)
+                                            openvino_candidates, summary_line, torch_candidates)
+from engine.backends.candidate_timing import BURST, TimingPool
 from engine.backends.base import trim_padding
 from engine.backends.cpu_features import cpu_info
 from engine.backends.export_manifest import MANIFEST_NAME, ExportManifest, TowerEntry
@@ -160,6 +161,7 @@ def _export_auto(job: _Job, staging: Path, calibration: Calibration) -> ExportMa
     candidates: dict[str, dict] = {}
     manifests: dict[str, ExportManifest] = {}
     towers: dict[str, list[TowerCandidate]] = {t: [] for t in TOWERS}
+    pool = TimingPool(pixels, query, AUTO_REPEATS)  # every passing candidate is timed with the others
     backend, device = job.runtime
     for precision in AUTO_CANDIDATES[job.fmt]:
         directory = staging / precision
@@ -175,12 +177,9 @@ def _export_auto(job: _Job, staging: Path, calibration: Calibration) -> ExportMa
             for cand in per_tower.values():
                 cand.reason = str(exc)
         else:
-            per_tower["vision"].samples = time_samples(lambda: encoder.encode_images(pixels), AUTO_REPEATS)
-            per_tower["text"].samples = time_samples(lambda: encoder.encode_texts(query), AUTO_REPEATS)
-            vision_s, text_s = per_tower["vision"].median, per_tower["text"].median
-            entry.update(passed=True, vision_s=vision_s, text_s=text_s, seconds=vision_s + text_s)
+            pool.add(per_tower, encoder)
+            entry.update(passed=True, timed=per_tower)
             manifests[precision] = manifest
-            del encoder
         entry.update(min_cosine=lowest(manifest.parity), threshold=manifest.parity["threshold"])
         candidates[precision] = entry
         for tower, cand in per_tower.items():
@@ -197,16 +196,21 @@ def _export_auto(job: _Job, staging: Path, calibration: Calibration) -> ExportMa
             return {t: _tower_min(report, t) for t in TOWERS}
 
         overrides = None if job.min_cosine is None else {p: job.min_cosine for p in AUTO_TORCH}
-        timed, _ = torch_candidates(job.loaded.model, spec.input_resolution, pixels, query, parity, AUTO_REPEATS,
-                                    AUTO_TORCH, overrides)
+        timed, _ = torch_candidates(job.loaded.model, spec.input_resolution, parity, pool, AUTO_TORCH, overrides)
         files = {p: (staging / p / m.vision.file, staging / p / m.text.file) for p, m in manifests.items()}
         gates = {name: THRESHOLDS[gate] if job.min_cosine is None else job.min_cosine
                  for name, gate in OPENVINO_GATES.items()}
         first = next(iter(manifests.values()))  # every precision shares the dimensions
         dims = {"embed_dim": first.embed_dim, "input_resolution": first.input_resolution, "pad_id": first.pad_id}
-        openvino = openvino_candidates(files, dims, pixels, query, parity, gates, AUTO_REPEATS)
+        openvino = openvino_candidates(files, dims, parity, gates, pool)
         for tower in TOWERS:
             towers[tower] += timed[tower] + openvino[tower]
+    pool.flush()
+    for entry in candidates.values():
+        if entry["passed"]:
+            per_tower = entry.pop("timed")
+            vision_s, text_s = per_tower["vision"].median, per_tower["text"].median
+            entry.update(vision_s=vision_s, text_s=text_s, seconds=vision_s + text_s)
     choices = choose_towers(towers)
     exported = {t: choose_tower([c for c in towers[t] if c.backend == backend]) for t in TOWERS}
     chosen = min(manifests, key=lambda p: candidates[p]["seconds"])
@@ -220,7 +224,8 @@ def _export_auto(job: _Job, staging: Path, calibration: Calibration) -> ExportMa
                    selection={"chosen": chosen, "rule": "fastest passing: least seconds for the workload",
                               "workload": f"{len(pixels)} images, and 1 query of "
                                           f"{int(query.ne(PAD_ID).sum(1).max())} tokens; median of "
-                                          f"{AUTO_REPEATS} calls per tower after a warm-up",
+                                          f"{AUTO_REPEATS} rotating rounds per tower (each the fastest of "
+                                          f"{BURST} calls) after a warm-up",
                               "tower_rule": "per tower: the first passing candidate (ONNX fp32) unless another's "
                                             "median is lower by more than the larger spread (median - min of the "
                                             "repeats) of the two",

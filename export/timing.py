@@ -8,7 +8,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from engine.backends.auto_precision import time_samples
+from engine.backends.candidate_timing import time_samples
 from engine.preprocess import Tokenizer
 
 QUERY_CHARACTERS = 6  # + [CLS] and [SEP] = 8 tokens, a typical search query

@@ -13,7 +13,8 @@ from conftest import SAMPLE_TEXTS
 from engine import InputError
 from engine.backends import TorchEncoder, auto_precision, openvino_backend
 from engine.backends.auto_precision import (PerTowerEncoder, TowerCandidate, choose_tower, choose_towers,
-                                            summary_line, time_samples, torch_auto_encoder)
+                                            summary_line, torch_auto_encoder)
+from engine.backends.candidate_timing import TimingPool
 from engine.backends.export_reader import choose_towers as served_towers
 from engine.backends.export_reader import load_manifest, open_encoder
 from engine.models import load_model
@@ -98,15 +99,6 @@ def test_each_tower_is_chosen_on_its_own():
     assert "torch-bf16 -" in line and "onnx-fp32 1010.0" in line
 
 
-def test_time_samples_uses_the_clock_it_is_given():
-    ticks = iter([0.0, 1.0, 1.0, 3.0, 3.0, 3.5])
-    calls = []
-    samples = time_samples(lambda: calls.append(1), repeats=3, warmup=2, clock=lambda: next(ticks))
-    assert samples == [1.0, 2.0, 0.5] and len(calls) == 5
-    with pytest.raises(InputError):
-        time_samples(lambda: None, repeats=0)
-
-
 # ---- torch candidates on the tiny model, timings injected ------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -121,12 +113,15 @@ def test_torch_auto_encoder_chooses_per_tower_from_injected_timings(tiny):
             ("torch-int8-text", "text"): [0.02, 0.021, 0.022]}
     timed = []
 
-    def timer(name, tower, fn):
-        fn()  # the real call runs (it must work), the timing is injected
-        timed.append((name, tower))
-        return fake[(name, tower)]
+    def sampler(tower, calls):
+        out = {}
+        for name, fn in calls.items():
+            fn()  # the real call runs (it must work), the timing is injected
+            timed.append((name, tower))
+            out[name] = fake[(name, tower)]
+        return out
 
-    encoder, report = torch_auto_encoder(tiny, 224, timer=timer)
+    encoder, report = torch_auto_encoder(tiny, 224, sampler=sampler)
     runnable = {p for p, why in auto_precision.torch_precisions() if why is None}
     vision_names = {f"torch-{p}" for p in runnable - {"int8-text"}}
     assert {n for n, t in timed if t == "vision"} == vision_names  # int8-text is a text-tower precision
@@ -288,14 +283,16 @@ def test_openvino_wins_a_tower_only_beyond_the_noise(auto_export):
     fast = {"vision": [0.50, 0.52, 0.51], "text": [0.10, 0.10, 0.10]}  # vision beyond, text inside the noise
     seen = []
 
-    def timer(name, tower, fn):
-        fn()
-        seen.append(name)
-        return fast[tower] if name == "openvino-fp32" else [9.0, 9.0, 9.0]
+    def sampler(tower, calls):
+        for fn in calls.values():
+            fn()
+        seen.extend(calls)
+        return {name: fast[tower] if name == "openvino-fp32" else [9.0, 9.0, 9.0] for name in calls}
 
     gates = {name: THRESHOLDS[gate] for name, gate in openvino_backend.GATE_PRECISION.items()}
-    timed = auto_precision.openvino_candidates(files, dims, pixels, ids[:1], _fp32_parity(ids, pixels), gates,
-                                               timer=timer)
+    pool = TimingPool(pixels, ids[:1], sampler=sampler)
+    timed = auto_precision.openvino_candidates(files, dims, _fp32_parity(ids, pixels), gates, pool)
+    pool.flush()
     assert "openvino-fp32" in seen
     onnx = {"vision": cand("onnx-fp32", [1.0, 1.01, 1.02], threshold=0.99999),
             "text": cand("onnx-fp32", [0.098, 0.102, 0.11], threshold=0.99999)}
@@ -307,10 +304,11 @@ def test_openvino_wins_a_tower_only_beyond_the_noise(auto_export):
 def test_without_openvino_its_candidates_carry_the_install_hint(auto_export, monkeypatch):
     monkeypatch.setattr(openvino_backend, "import_openvino", lambda: None)
     files, dims = _export_files(auto_export)
-    timed = auto_precision.openvino_candidates(files, dims, torch.zeros(1, 3, 224, 224),
-                                               torch.ones(1, 4, dtype=torch.long), lambda enc: {},
-                                               {name: 0.99 for name in openvino_backend.CANDIDATES},
-                                               timer=lambda *a: pytest.fail("nothing may be timed"))
+    pool = TimingPool(torch.zeros(1, 3, 224, 224), torch.ones(1, 4, dtype=torch.long),
+                      sampler=lambda *a: pytest.fail("nothing may be timed"))
+    timed = auto_precision.openvino_candidates(files, dims, lambda enc: {},
+                                               {name: 0.99 for name in openvino_backend.CANDIDATES}, pool)
+    pool.flush()
     for tower in ("vision", "text"):
         assert [c.name for c in timed[tower]] == list(openvino_backend.CANDIDATES)
         assert all(not c.passed and "pip install" in c.reason for c in timed[tower])

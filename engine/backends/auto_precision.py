@@ -2,8 +2,9 @@
 choose for each tower the fastest that wins by more than the measured noise.
 
 The rule (`choose_tower`): candidates are listed in preference order, simplest first (ONNX fp32 before the
-quantised graphs, the ONNX export before the torch precisions); the first that passes parity is the default. Each
-candidate is timed `repeats` times; its spread is median - min of those times. On a shared machine the noise is
+quantised graphs, the ONNX export before the torch precisions); the first that passes parity is the default. The
+candidates of a tower are timed together in `repeats` rotating rounds (candidate_timing: a slow stretch of a
+shared machine falls on all of them alike); a candidate's spread is median - min of its rounds. The noise is
 one-sided (other work only ever makes a call slower), so the spread is read on the fast side: calls disturbed
 by other work, up to half of them, neither move the median nor widen the spread (on the AVX2 EPYC two stalled
 calls among ONNX fp32's five text calls made max - min 21 ms and the interquartile range 19.5 ms, either of which
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import statistics
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -30,28 +30,14 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+from .candidate_timing import Sampler, TimingPool
 from .cpu_features import cpu_info
 
 TOWERS = ("vision", "text")
 log = logging.getLogger(__name__)
 
 __all__ = ["TowerCandidate", "PerTowerEncoder", "choose_tower", "choose_towers", "openvino_candidates",
-           "time_samples", "summary_line", "torch_candidates", "torch_auto_encoder"]
-
-
-def time_samples(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1,
-                 clock: Callable[[], float] = time.perf_counter) -> list[float]:
-    """Wall seconds of `repeats` calls of fn() after `warmup` untimed calls."""
-    if repeats < 1:
-        raise InputError(f"repeats must be >= 1, got {repeats}")
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        start = clock()
-        fn()
-        samples.append(clock() - start)
-    return samples
+           "summary_line", "torch_candidates", "torch_auto_encoder"]
 
 
 @dataclass
@@ -186,22 +172,16 @@ def fp32_parity(model: torch.nn.Module, resolution: int, pixels: torch.Tensor,
     return parity
 
 
-Timer = Callable[[str, str, Callable[[], Any]], list[float]]  # (candidate name, tower, call) -> seconds
-
-
-def torch_candidates(model: torch.nn.Module, resolution: int, pixels: torch.Tensor, queries: torch.Tensor,
-                     parity: Callable[[Any], dict[str, float]], repeats: int = 5,
-                     precisions: Iterable[str] | None = None, thresholds: dict[str, float] | None = None,
-                     timer: Timer | None = None) -> tuple[dict[str, list[TowerCandidate]], dict[str, Any]]:
-    """Gate and time the torch precisions this CPU runs (those in `precisions`, default all): per tower the
-    candidates in preference order, and the encoders built (precision -> TorchEncoder). `parity(encoder)` gives
-    each tower's min cosine against the fp32 truth (fp32_parity, or the export's own gate); the timed workload
-    is one call on `pixels` and one on `queries` (`timer` replaces time_samples: tests inject timings). Skipped
-    precisions are listed with the reason."""
+def torch_candidates(model: torch.nn.Module, resolution: int, parity: Callable[[Any], dict[str, float]],
+                     pool: TimingPool, precisions: Iterable[str] | None = None,
+                     thresholds: dict[str, float] | None = None) -> tuple[dict[str, list[TowerCandidate]], dict[str, Any]]:
+    """Gate the torch precisions this CPU runs (those in `precisions`, default all) and queue them in `pool` (their
+    samples are filled when it is flushed): per tower the candidates in preference order, and the encoders built
+    (precision -> TorchEncoder). `parity(encoder)` gives each tower's min cosine against the fp32 truth
+    (fp32_parity, or the export's own gate). Skipped precisions are listed with the reason."""
     from .torch_backend import TorchEncoder
 
     thresholds = {**THRESHOLDS, **(thresholds or {})}
-    timer = timer or (lambda name, tower, fn: time_samples(fn, repeats))
     wanted = None if precisions is None else set(precisions)
     out: dict[str, list[TowerCandidate]] = {t: [] for t in TOWERS}
     encoders: dict[str, Any] = {}
@@ -215,36 +195,32 @@ def torch_candidates(model: torch.nn.Module, resolution: int, pixels: torch.Tens
         if skip is None:
             encoder = TorchEncoder(model, resolution, precision=precision)
             encoders[precision] = encoder
-            _gate_and_time(cands, encoder, parity, pixels, queries, timer)
+            gate_and_queue(cands, encoder, parity, pool)
         for tower, cand in cands.items():
             out[tower].append(cand)
     return out, encoders
 
 
-def _gate_and_time(cands: dict[str, TowerCandidate], encoder: Any, parity: Callable[[Any], dict[str, float]],
-                   pixels: torch.Tensor, queries: torch.Tensor, timer: Timer) -> None:
-    """Fill each tower's candidate from `encoder`: its parity (the call is also the warm-up: bf16-compiled
-    compiles its buckets there), then the timed samples of one call on the workload."""
+def gate_and_queue(cands: dict[str, TowerCandidate], encoder: Any, parity: Callable[[Any], dict[str, float]],
+                   pool: TimingPool) -> None:
+    """Each tower's parity from `encoder` (the call is also the warm-up: bf16-compiled compiles its buckets
+    there), then the candidates queued in `pool` to be timed with the others."""
     cosines = parity(encoder)
     for tower, cand in cands.items():
         cand.min_cosine = cosines[tower]
-        encode = encoder.encode_images if tower == "vision" else encoder.encode_texts
-        timed = pixels if tower == "vision" else queries
-        cand.samples = timer(cand.name, tower, lambda: encode(timed))
+    pool.add(cands, encoder)
 
 
-def openvino_candidates(files: dict[str, tuple[Path, Path]], dims: dict[str, int], pixels: torch.Tensor,
-                        queries: torch.Tensor, parity: Callable[[Any], dict[str, float]],
-                        thresholds: dict[str, float], repeats: int = 5,
-                        timer: Timer | None = None) -> dict[str, list[TowerCandidate]]:
-    """Gate and time OpenVINO on the export's own ONNX files (`files`: export precision -> (vision, text) paths
-    of the precisions that passed parity; `dims`: embed_dim, input_resolution, pad_id), per tower in the order of
-    openvino_backend.CANDIDATES, each held to `thresholds[name]`. A candidate that cannot run here (OpenVINO
-    absent, no bf16 units, its source precision failed parity, an operator OpenVINO cannot compile) is listed
-    with the reason."""
+def openvino_candidates(files: dict[str, tuple[Path, Path]], dims: dict[str, int],
+                        parity: Callable[[Any], dict[str, float]], thresholds: dict[str, float],
+                        pool: TimingPool) -> dict[str, list[TowerCandidate]]:
+    """Gate OpenVINO on the export's own ONNX files (`files`: export precision -> (vision, text) paths of the
+    precisions that passed parity; `dims`: embed_dim, input_resolution, pad_id) and queue it in `pool`, per
+    tower in the order of openvino_backend.CANDIDATES, each held to `thresholds[name]`. A candidate that cannot
+    run here (OpenVINO absent, no bf16 units, its source precision failed parity, an operator OpenVINO cannot
+    compile) is listed with the reason."""
     from .openvino_backend import CANDIDATES, GATE_PRECISION, candidate_encoder
 
-    timer = timer or (lambda name, tower, fn: time_samples(fn, repeats))
     out: dict[str, list[TowerCandidate]] = {t: [] for t in TOWERS}
     for name, (source, _) in CANDIDATES.items():
         cands = {t: TowerCandidate(name, "openvino", GATE_PRECISION[name], threshold=thresholds[name],
@@ -253,7 +229,7 @@ def openvino_candidates(files: dict[str, tuple[Path, Path]], dims: dict[str, int
         if source in files:
             encoder, reason = candidate_encoder(name, *files[source], dims)
         if encoder is not None:
-            _gate_and_time(cands, encoder, parity, pixels, queries, timer)
+            gate_and_queue(cands, encoder, parity, pool)
         for tower, cand in cands.items():
             cand.reason = reason
             out[tower].append(cand)
@@ -261,7 +237,7 @@ def openvino_candidates(files: dict[str, tuple[Path, Path]], dims: dict[str, int
 
 
 def torch_auto_encoder(model: torch.nn.Module, resolution: int, repeats: int = 5, context_length: int = 52,
-                       timer: Timer | None = None) -> tuple[Any, dict[str, Any]]:
+                       sampler: Sampler | None = None) -> tuple[Any, dict[str, Any]]:
     """For a checkpoint served or indexed with the torch backend and `--precision auto`: time the torch precisions
     this CPU runs on a batch of 8 generated images and one query of 8 tokens, choose per tower by the noise rule,
     and return (encoder, report). The report holds each candidate's samples and parity, the choices and
@@ -273,7 +249,9 @@ def torch_auto_encoder(model: torch.nn.Module, resolution: int, repeats: int = 5
     texts = ["".join(chr(0x4E00 + int(c)) for c in torch.randint(0, 20000, (6,), generator=gen)) for _ in range(4)]
     ids = Tokenizer(context_length)(texts).ids
     parity = fp32_parity(model, resolution, pixels, ids)
-    candidates, encoders = torch_candidates(model, resolution, pixels, ids[:1], parity, repeats, timer=timer)
+    pool = TimingPool(pixels, ids[:1], repeats, sampler)
+    candidates, encoders = torch_candidates(model, resolution, parity, pool)
+    pool.flush()
     choices = choose_towers(candidates)
     summary = summary_line(choices, candidates)
     log.info("%s", summary)
@@ -283,7 +261,7 @@ def torch_auto_encoder(model: torch.nn.Module, resolution: int, repeats: int = 5
     report = {"machine": cpu_info().as_dict(), "threads": torch.get_num_threads(),
               "workload": {"vision": f"{len(pixels)} images", "text": "1 query of 8 tokens"},
               "rule": "default first passing; another wins only if its median is lower by more than the larger "
-                      "spread (median - min of the repeats)",
+                      "spread (median - min of the rounds); candidates timed together in rotating rounds",
               "chosen": names, "summary": summary,
               "towers": {t: {c.name: c.as_dict() for c in candidates[t]} for t in TOWERS}}
     return encoder, report
