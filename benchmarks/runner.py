@@ -61,7 +61,9 @@ SUBJECTS: dict[str, Subject] = {s.name: s for s in [
             timeout_s=900, quick_timeout_s=80),
     Subject("index", "benchmarks/bench_index.py", script_quick_args=("--quick",)),
     Subject("finetune", "benchmarks/bench_finetune.py", script_quick_args=("--quick",)),
-    Subject("distributed", "benchmarks/bench_distributed.py", script_quick_args=("--quick",)),
+    # a local Ray, then tiny and ViT-B-16 each in one process and on 1 and 2 workers: fixed costs that do not
+    # shrink with sizes (97 s on the quiet 2-core Xeon, 2026-12-06)
+    Subject("distributed", "benchmarks/bench_distributed.py", script_quick_args=("--quick",), quick_timeout_s=120),
     Subject("soak", "benchmarks/bench_soak.py", script_quick_args=("--minutes", "0.5", "--rows", "2000"),
             quick_timeout_s=60, scaled_flags=("--minutes", "--rows")),
 ]}
