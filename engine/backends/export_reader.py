@@ -68,7 +68,8 @@ def choose_precision(directory: str | Path) -> str:
 def choose_towers(directory: str | Path) -> dict[str, dict[str, str]]:
     """Per tower, what an auto export chose: {"vision": {"chosen": "onnx-int8", "onnx": "int8"}, ...}, where
     "onnx" is that tower's best ONNX precision (served when the choice is a torch precision and the checkpoint is
-    not at hand). Empty for an export without per-tower timings."""
+    not at hand, or cannot run here) and, for an OpenVINO choice, "source" the export precision whose ONNX files it
+    compiles. Empty for an export without per-tower timings."""
     manifest = load_manifest(directory)
     out: dict[str, dict[str, str]] = {}
     measured_on = manifest.selection.get("machine", {}).get("model")
