@@ -27,10 +27,8 @@ def openvino_encoders(auto_dir: Path, selection: dict, threads: int) -> tuple[di
             continue
         directory = auto_dir / candidate["directory"]
         manifest = load_manifest(directory)
-        dims = {"embed_dim": manifest.embed_dim, "input_resolution": manifest.input_resolution,
-                "pad_id": manifest.pad_id}
         encoder, reason = candidate_encoder(row, directory / manifest.vision.file, directory / manifest.text.file,
-                                            dims, threads)
+                                            manifest.encoder_dims(), threads)
         if encoder is None:
             skipped[row] = reason
         else:

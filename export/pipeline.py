@@ -162,6 +162,7 @@ def _export_auto(job: _Job, staging: Path, calibration: Calibration) -> ExportMa
     manifests: dict[str, ExportManifest] = {}
     towers: dict[str, list[TowerCandidate]] = {t: [] for t in TOWERS}
     pool = TimingPool(pixels, query, AUTO_REPEATS)  # every passing candidate is timed with the others
+    onnx_timed: dict[str, dict[str, TowerCandidate]] = {}  # passing precision -> its per-tower candidates
     backend, device = job.runtime
     for precision in AUTO_CANDIDATES[job.fmt]:
         directory = staging / precision
@@ -178,7 +179,8 @@ def _export_auto(job: _Job, staging: Path, calibration: Calibration) -> ExportMa
                 cand.reason = str(exc)
         else:
             pool.add(per_tower, encoder)
-            entry.update(passed=True, timed=per_tower)
+            onnx_timed[precision] = per_tower
+            entry["passed"] = True
             manifests[precision] = manifest
         entry.update(min_cosine=lowest(manifest.parity), threshold=manifest.parity["threshold"])
         candidates[precision] = entry
@@ -200,17 +202,14 @@ def _export_auto(job: _Job, staging: Path, calibration: Calibration) -> ExportMa
         files = {p: (staging / p / m.vision.file, staging / p / m.text.file) for p, m in manifests.items()}
         gates = {name: THRESHOLDS[gate] if job.min_cosine is None else job.min_cosine
                  for name, gate in OPENVINO_GATES.items()}
-        first = next(iter(manifests.values()))  # every precision shares the dimensions
-        dims = {"embed_dim": first.embed_dim, "input_resolution": first.input_resolution, "pad_id": first.pad_id}
+        dims = next(iter(manifests.values())).encoder_dims()  # every precision shares them
         openvino = openvino_candidates(files, dims, parity, gates, pool)
         for tower in TOWERS:
             towers[tower] += timed[tower] + openvino[tower]
     pool.flush()
-    for entry in candidates.values():
-        if entry["passed"]:
-            per_tower = entry.pop("timed")
-            vision_s, text_s = per_tower["vision"].median, per_tower["text"].median
-            entry.update(vision_s=vision_s, text_s=text_s, seconds=vision_s + text_s)
+    for precision, per_tower in onnx_timed.items():
+        vision_s, text_s = per_tower["vision"].median, per_tower["text"].median
+        candidates[precision].update(vision_s=vision_s, text_s=text_s, seconds=vision_s + text_s)
     choices = choose_towers(towers)
     exported = {t: choose_tower([c for c in towers[t] if c.backend == backend]) for t in TOWERS}
     chosen = min(manifests, key=lambda p: candidates[p]["seconds"])

@@ -249,7 +249,7 @@ def _export_files(directory):
             sub = directory / entry["directory"]
             manifest = load_manifest(sub)
             files[precision] = (sub / manifest.vision.file, sub / manifest.text.file)
-    return files, {"embed_dim": top.embed_dim, "input_resolution": top.input_resolution, "pad_id": top.pad_id}
+    return files, top.encoder_dims()
 
 
 def _fp32_parity(ids, pixels):

@@ -53,6 +53,10 @@ class ExportManifest:
     selection: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
+    def encoder_dims(self) -> dict[str, int]:
+        """What every encoder over this export is built with: embed_dim, input_resolution and pad_id."""
+        return {"embed_dim": self.embed_dim, "input_resolution": self.input_resolution, "pad_id": self.pad_id}
+
     def metadata(self, tower: str) -> dict[str, str]:
         """The identity stamped into each ONNX file, checked again when a backend opens it."""
         return {"cnclip.model": self.model, "cnclip.checkpoint_hash": self.checkpoint_hash,

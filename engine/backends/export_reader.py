@@ -122,10 +122,10 @@ def _per_tower_encoder(directory: Path, top: ExportManifest, device: str, option
     from .onnx_backend import OnnxEncoder, OrtSettings
 
     settings = _settings(OrtSettings, options, "onnxruntime")
-    dims = dict(embed_dim=top.embed_dim, input_resolution=top.input_resolution, pad_id=top.pad_id)
-    manifests = {t: load_manifest(_precision_directory(directory, top, towers[t]["onnx"])) for t in towers}
-    onnx_paths = {t: _precision_directory(directory, top, towers[t]["onnx"]) / getattr(manifests[t], t).file
-                  for t in towers}
+    dims = top.encoder_dims()
+    onnx_dirs = {t: _precision_directory(directory, top, towers[t]["onnx"]) for t in towers}
+    manifests = {t: load_manifest(onnx_dirs[t]) for t in towers}
+    onnx_paths = {t: onnx_dirs[t] / getattr(manifests[t], t).file for t in towers}
     paths = dict(onnx_paths)  # the file each tower is served from
     served = {t: f"onnx-{towers[t]['onnx']}" for t in towers}
     parts: dict[str, Encoder] = {}
@@ -195,7 +195,7 @@ def open_encoder(directory: str | Path, backend: str = "onnxruntime", device: st
         return _per_tower_encoder(top_dir, top, device, backend_options, towers)
     directory = _precision_directory(top_dir, top, precision)
     manifest = top if directory == top_dir else load_manifest(directory, model)
-    dims = dict(embed_dim=manifest.embed_dim, input_resolution=manifest.input_resolution, pad_id=manifest.pad_id)
+    dims = manifest.encoder_dims()
     if backend == "onnxruntime":
         from .onnx_backend import OnnxEncoder, OrtSettings
 

@@ -21,9 +21,9 @@ from .base import l2_normalize, trim_padding
 # candidate name -> (the export precision whose ONNX files it compiles, OpenVINO's inference-precision hint)
 CANDIDATES = {"openvino-fp32": ("fp32", "f32"), "openvino-bf16": ("fp32", "bf16"),
               "openvino-int8": ("int8", "f32"), "openvino-int8-static": ("int8-static", "f32")}
-# the parity gate each candidate is held to: that of the precision it computes in
-GATE_PRECISION = {"openvino-fp32": "fp32", "openvino-bf16": "bf16", "openvino-int8": "int8",
-                  "openvino-int8-static": "int8-static"}
+# the parity gate each candidate is held to: that of the precision it computes in (bf16 under the bf16 hint, else
+# the precision of the graph it compiles)
+GATE_PRECISION = {name: "bf16" if hint == "bf16" else source for name, (source, hint) in CANDIDATES.items()}
 
 __all__ = ["CANDIDATES", "GATE_PRECISION", "OpenVinoEncoder", "candidate_encoder", "import_openvino", "unavailable"]
 
